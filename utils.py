@@ -1,0 +1,452 @@
+"""Shared pieces of the "SGD with Large Step Sizes Learns Sparse Features" reproduction kit.
+
+Everything an experiment script needs besides its own model lives here, so that copying an experiment out of this
+repository means copying the script and this file. Imports: the standard library, numpy and torch only.
+
+Sections: command line & errors | seeding & environment | JSON run logs | metrics (SPEC §1) | schedules (SPEC §2).
+Section numbers (SPEC §x, Ex) refer to ../shared/SPEC.md, which summarises the paper's definitions.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+# ======================================================================================================================
+# Command line & errors
+# ======================================================================================================================
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: argument --lr: ... (see --help)`, exit code 2.
+
+    The stock parser prints the whole usage block first; a researcher scanning a sweep's stderr wants one line that
+    names the flag.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--lr` must never silently match `--lr-schedule`
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def usage_error(flag, message):
+    """Stop with a one-line usage error naming `flag` and exit code 2 (for checks argparse cannot express)."""
+    prog = os.path.basename(sys.argv[0]) or "python"
+    sys.stderr.write(f"{prog}: error: argument {flag}: {message}\n")
+    raise SystemExit(2)
+
+
+def _number_type(cast, check, requirement):
+    """Build an argparse `type=` callable that casts, validates and explains the requirement when it fails."""
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
+        return value
+
+    parse.__name__ = requirement  # argparse shows this name in some messages
+    return parse
+
+
+positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+nonnegative_float = _number_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_int = _number_type(int, lambda v: v > 0, "an integer >= 1")
+nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+
+
+def prepare_out_dir(path, flag="--out-dir"):
+    """Create the output folder at start-up and prove it is writable, so a long run never fails at its first save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        usage_error(flag, f"cannot write to {path!r} ({err.strerror or err}); pass a writable folder")
+    return path
+
+
+# ======================================================================================================================
+# Seeding & environment
+# ======================================================================================================================
+
+
+def seed_everything(seed):
+    """Seed python, numpy's legacy global generator and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name, flag="--device"):
+    """Map `auto|cpu|cuda|mps` to a torch.device; `auto` prefers CUDA, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        usage_error(flag, "CUDA was requested but torch sees no CUDA device; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        usage_error(flag, "MPS was requested but is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _git_commit():
+    """The repository's commit hash, or None outside a git checkout (e.g. after copying a script elsewhere)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_info(device=None):
+    """Versions and hardware, stored in every log so that a number can be traced to where it was produced."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ======================================================================================================================
+# JSON run logs
+# ======================================================================================================================
+
+RUN_STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
+
+
+def to_jsonable(value):
+    """Convert numpy/torch scalars and arrays to plain JSON; non-finite floats become null (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path, obj):
+    """Write `obj` as JSON to a temp file in the same folder, fsync it, then rename over `path`.
+
+    A rename within one file system is atomic, so a reader (or a crash, or Ctrl-C) only ever sees the old complete
+    file or the new complete file, never a half-written one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(to_jsonable(obj), f, allow_nan=False, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class RunLog:
+    """One JSON log per run: script, config, env, status, history (one record per evaluation, with `iter`), final.
+
+    The file is rewritten atomically after every `record`, so the log on disk is always valid JSON that contains
+    everything measured so far. Use as a context manager: Ctrl-C marks the run `interrupted`, any other exception
+    `failed` (with the error message), and both still save the log before the exception propagates.
+    """
+
+    def __init__(self, path, script, config, env=None, **extra):
+        self.path = path
+        self.data = {"script": script, "config": dict(config), "env": env or environment_info(),
+                     "status": "running", "history": [], "final": None, **extra}
+        self.save()
+
+    def record(self, **metrics):
+        """Append one evaluation record (must contain `iter`) and save."""
+        if "iter" not in metrics:
+            raise ValueError("every history record needs an 'iter' key")
+        self.data["history"].append(metrics)
+        self.data["final"] = metrics
+        self.save()
+
+    def finish(self, status="completed", **extra):
+        """Set the final status (one of RUN_STATUSES), attach any extra top-level results, and save."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        self.data["status"] = status
+        self.data.update(extra)
+        self.save()
+
+    def save(self):
+        write_json_atomic(self.path, self.data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.data["status"] == "running":
+                self.finish("completed")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("interrupted")
+        else:
+            self.finish("failed", error=f"{exc_type.__name__}: {exc}")
+        return False
+
+
+def run_slug(**parts):
+    """A file-name-safe run name from key/value parts: run_slug(lr=0.25, decay=None) -> 'lr0.25'.
+
+    No spaces and no '=' (shell- and glob-friendly); None/False parts are skipped, True parts keep only their key.
+    """
+    pieces = []
+    for key, value in parts.items():
+        if value is None or value is False:
+            continue
+        pieces.append(key if value is True else f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}")
+    slug = "_".join(pieces) or "run"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in slug)
+
+
+def load_logs(folder):
+    """All run logs (*.json, recursively) under `folder`, each with its file path under the key `_path`."""
+    logs = []
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".json") and not name.startswith("."):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    try:
+                        log = json.load(f)
+                    except json.JSONDecodeError:
+                        continue
+                if isinstance(log, dict) and "history" in log and "script" in log:
+                    log["_path"] = path
+                    logs.append(log)
+    return logs
+
+
+def format_seconds(seconds):
+    """Human-readable duration: 42s, 3m05s, 2h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+# ======================================================================================================================
+# Metrics (SPEC §1)
+# ======================================================================================================================
+
+# Correlations are first computed in float32 (fast matrix products); any pair whose float32 |correlation| lies within
+# this margin of the threshold is recomputed in float64, so the kept set equals that of an exact float64 computation.
+_CORR_RECHECK_MARGIN = 1e-3
+_CORR_BLOCK = 1024  # columns per block of the upper-triangular correlation computation
+
+
+def _as_activation_matrix(phi):
+    """N×... numpy array or tensor -> float N×M tensor (trailing dims flattened: one neuron per channel×position)."""
+    phi = torch.as_tensor(phi)
+    if phi.dim() < 2:
+        raise ValueError(f"feature_sparsity expects an N×M activation matrix, got shape {tuple(phi.shape)}")
+    phi = phi.reshape(phi.shape[0], -1)
+    return phi if phi.is_floating_point() else phi.float()
+
+
+def _standardized_columns(x):
+    """Centre each column and scale it to unit L2 norm, in float64 (Pearson correlation = dot product of such columns).
+
+    Columns with zero variance (detected exactly, as max == min) have an undefined (NaN) correlation; they are returned
+    as all-zero columns, whose dot product with anything is 0, so they never delete and are never deleted.
+    """
+    x = x.double()
+    constant = x.amax(dim=0) == x.amin(dim=0)
+    centred = x - x.mean(dim=0, keepdim=True)
+    centred[:, constant] = 0
+    norms = centred.norm(dim=0)
+    return centred / torch.where(constant, torch.ones_like(norms), norms)
+
+
+def duplicate_columns(x, corr_threshold):
+    """Boolean mask of the columns that the greedy de-duplication of SPEC §1.1 (step 5) deletes.
+
+    Greedy rule, in column order: column i is deleted if |corr(i, j)| > τ for any column j still present. When i is
+    visited every later column is still present, and every earlier column still present was kept, so it has no partner
+    after it (in particular not i). Hence i is deleted exactly when |corr(i, j)| > τ for some j > i: threshold the
+    strict upper triangle of the correlation matrix and reduce over rows. No loop over neurons.
+    Speed: correlations are computed block by block (upper triangle only) as float32 matrix products; pairs whose
+    float32 value lies within _CORR_RECHECK_MARGIN of τ are recomputed in float64, so the result is that of an exact
+    float64 computation.
+    """
+    n_cols = x.shape[1]
+    deleted = torch.zeros(n_cols, dtype=torch.bool, device=x.device)
+    if n_cols < 2:
+        return deleted
+    z64 = _standardized_columns(x)
+    z32 = z64.float()
+    lower, upper = corr_threshold - _CORR_RECHECK_MARGIN, corr_threshold + _CORR_RECHECK_MARGIN
+    ambiguous = []
+    for start in range(0, n_cols, _CORR_BLOCK):
+        stop = min(start + _CORR_BLOCK, n_cols)
+        # rows start:stop against columns start:, i.e. only pairs (i, j) with j >= start; keep j > i
+        corr = (z32[:, start:stop].T @ z32[:, start:]).abs().triu_(diagonal=1)
+        deleted[start:stop] |= (corr > upper).any(dim=1)
+        rows, cols = torch.nonzero((corr > lower) & (corr <= upper), as_tuple=True)
+        if rows.numel():
+            ambiguous.append(torch.stack([rows + start, cols + start], dim=1))
+    if ambiguous:
+        pairs = torch.cat(ambiguous)
+        pairs = pairs[~deleted[pairs[:, 0]]]  # rows already deleted by a clear partner need no recheck
+        for chunk in pairs.split(4096):  # bounded memory: N × 4096 float64 at a time
+            exact = (z64[:, chunk[:, 0]] * z64[:, chunk[:, 1]]).sum(dim=0).abs()
+            deleted[chunk[exact > corr_threshold, 0]] = True
+    return deleted
+
+
+def feature_sparsity(phi, corr_threshold=0.95, max_neurons=None, seed=0):
+    """Feature sparsity coefficient of SPEC §1.1: returns (density, dedup_density), both in [0, 1]; lower = sparser.
+
+    phi: N×M post-ReLU activations (numpy array or tensor; N examples, M neurons; extra trailing dimensions, e.g.
+    the channel×height×width of a conv layer, are flattened so that every position is one neuron).
+      1. density = fraction of positive entries of phi (on all M columns).
+      2. if max_neurons is set and M > max_neurons, keep a random subset of max_neurons columns (seeded, without
+         replacement, in their original order); M' = the number of columns from here on.
+      3. drop columns that are never positive ("dead" neurons).
+      4.-5. greedy de-duplication: drop column i if its Pearson correlation with a later column has |C| > τ.
+      6. dedup_density = positive entries of the kept columns / (N·M'); dead and deleted columns stay in M'.
+    Paper settings: τ = 0.95 with max_neurons = 1000 for deep nets, τ = 0.99 / 0.999 for the ReLU toys (SPEC §1.1).
+    Runs on the tensor's device (pass a CUDA tensor to compute on the GPU).
+    """
+    phi = _as_activation_matrix(phi)
+    n_rows, n_cols = phi.shape
+    if n_rows == 0 or n_cols == 0:
+        raise ValueError(f"feature_sparsity needs at least one example and one neuron, got shape {tuple(phi.shape)}")
+    positive = phi > 0
+    density = positive.sum().item() / (n_rows * n_cols)
+    if max_neurons is not None and n_cols > max_neurons:
+        generator = torch.Generator().manual_seed(seed)
+        subset = torch.randperm(n_cols, generator=generator)[:max_neurons].sort().values.to(phi.device)
+        phi, positive = phi[:, subset], positive[:, subset]
+        n_cols = max_neurons
+    alive = positive.any(dim=0)
+    deleted = duplicate_columns(phi[:, alive], corr_threshold)
+    kept_positive = positive[:, alive][:, ~deleted]
+    dedup_density = kept_positive.sum().item() / (n_rows * n_cols)
+    return density, dedup_density
+
+
+def jacobian_rank(jacobian, eps):
+    """Numerical rank of a Jacobian (SPEC §1.2): #{k : σ_k / σ_1 > eps}, singular values in float64.
+
+    jacobian: P×D matrix whose row i is ∇_θ h_θ(x_i) (numpy array or tensor). An all-zero matrix has rank 0.
+    """
+    jac = torch.as_tensor(jacobian).double()
+    if jac.numel() == 0:
+        return 0
+    singular_values = torch.linalg.svdvals(jac)
+    if singular_values[0] <= 0:
+        return 0
+    return int((singular_values / singular_values[0] > eps).sum().item())
+
+
+def model_jacobian(model, x):
+    """Rows ∇_θ h_θ(x_i) for a scalar-output torch model, one per input row, as a P×(#params) tensor.
+
+    Uses torch.func (per-example gradients by vmap), so no Python loop over points.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def scalar_output(p, xi):
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(())
+
+    grads = torch.func.vmap(torch.func.grad(scalar_output), in_dims=(None, 0))(params, x)
+    return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
+
+
+# ======================================================================================================================
+# Step-size schedules (SPEC §2)
+# ======================================================================================================================
+
+
+def toy_step_sizes(n_iters, lr, decay_frac=None, decay=1.0, warmup_factor=1.0, warmup_power=1.0):
+    """Per-iteration step sizes of the toy experiments (SPEC §2), as a float64 array of length n_iters.
+
+    Iteration i (0-based) uses η_i = lr·(1 + (F − 1)·(i/N)^p) while i ≤ k = ⌊T·N⌋ (N = n_iters, F = warmup_factor,
+    p = warmup_power; F = 1 means no warmup, i.e. η_i = lr), and η_k / d for every i > k: the single decay by
+    d = `decay` is applied after iteration k's update. decay_frac=None means a constant step size lr.
+    Note i/N divides by the TOTAL iteration count, not the warmup length, as in the authors' code.
+    """
+    if decay_frac is None:
+        return np.full(n_iters, float(lr))
+    last_large = math.floor(decay_frac * n_iters)
+    steps = np.arange(n_iters, dtype=np.float64)
+    warm = lr * (1.0 + (warmup_factor - 1.0) * (steps / n_iters) ** warmup_power)
+    peak = lr * (1.0 + (warmup_factor - 1.0) * (last_large / n_iters) ** warmup_power)
+    return np.where(steps <= last_large, warm, peak / decay)
+
+
+def deep_step_size(epoch, epochs, lr, schedule="piecewise", warmup_exp=1.0, large_frac=0.5):
+    """Step size of the deep-net experiments at fractional epoch `epoch` (SPEC §2 table).
+
+    constant: lr. piecewise: a large-step phase for epoch < T·E (T = large_frac, E = epochs), then ÷10 until 0.9·E,
+    then ÷100. During the large-step phase, with u = 100·epoch/E (one unit per 1 % of training):
+      w > 1: exponential warmup lr·w^u;  w < 1: power warmup lr·(1 + u^w);  w = 1: no warmup, lr.
+    Both later phases start from the value the warmup reached at T·E (peak multiplier w^(100T), e.g. 11.467 for
+    w = 1.05, T = 0.5). Called before every SGD step with that step's fractional epoch.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "piecewise":
+        raise ValueError(f"unknown schedule {schedule!r}")
+
+    def warmed(u):
+        if warmup_exp > 1:
+            return lr * warmup_exp ** u
+        if warmup_exp < 1:
+            return lr * (1.0 + u ** warmup_exp)
+        return lr
+
+    if epoch < large_frac * epochs:
+        return warmed(100.0 * epoch / epochs)
+    peak = warmed(100.0 * large_frac)
+    return peak / 10 if epoch < 0.9 * epochs else peak / 100
