@@ -358,21 +358,101 @@ def feature_sparsity(phi, corr_threshold=0.95, max_neurons=None, seed=0):
     Runs on the tensor's device (pass a CUDA tensor to compute on the GPU).
     """
     phi = _as_activation_matrix(phi)
-    n_rows, n_cols = phi.shape
-    if n_rows == 0 or n_cols == 0:
+    if phi.numel() == 0:
         raise ValueError(f"feature_sparsity needs at least one example and one neuron, got shape {tuple(phi.shape)}")
+    density = (phi > 0).sum().item() / phi.numel()
+    subset = neuron_subset(phi.shape[1], max_neurons, seed)
+    if subset is not None:
+        phi = phi[:, subset.to(phi.device)]
+    return density, dedup_density(phi, corr_threshold)
+
+
+def neuron_subset(n_cols, max_neurons, seed=0):
+    """Sorted indices of the max_neurons columns kept by SPEC §1.1 step 2, or None when no subsampling is needed.
+
+    The subset depends only on (n_cols, max_neurons, seed), so every evaluation of a run measures the same neurons.
+    """
+    if max_neurons is None or n_cols <= max_neurons:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_cols, generator=generator)[:max_neurons].sort().values
+
+
+def dedup_density(phi, corr_threshold):
+    """De-duplicated density of an (already subsampled) N×M' activation matrix: SPEC §1.1 steps 3-6."""
     positive = phi > 0
-    density = positive.sum().item() / (n_rows * n_cols)
-    if max_neurons is not None and n_cols > max_neurons:
-        generator = torch.Generator().manual_seed(seed)
-        subset = torch.randperm(n_cols, generator=generator)[:max_neurons].sort().values.to(phi.device)
-        phi, positive = phi[:, subset], positive[:, subset]
-        n_cols = max_neurons
     alive = positive.any(dim=0)
     deleted = duplicate_columns(phi[:, alive], corr_threshold)
-    kept_positive = positive[:, alive][:, ~deleted]
-    dedup_density = kept_positive.sum().item() / (n_rows * n_cols)
-    return density, dedup_density
+    return positive[:, alive][:, ~deleted].sum().item() / phi.numel()
+
+
+class BlockActivations:
+    """Forward hooks that gather, for the feature sparsity metric, the outputs of named modules of ANY torch model.
+
+    blocks: {name used in results: module path for model.get_submodule, or the module itself}. While the context is
+    open, every forward pass adds its batch: each block's positive-entry count (for the raw density over all neurons)
+    and its output restricted to the neuron subset of SPEC §1.1 step 2 (so a 64×32×32 conv map never has to be held
+    for 10 752 images). One forward pass serves all blocks (the authors' code ran one pass per block).
+
+        with utils.BlockActivations(model, {"layer4": "layer4", "pooled": "avgpool"}) as acts, torch.no_grad():
+            for x in batches:
+                model(x)
+        print(acts.feature_sparsity(corr_threshold=0.95))   # {"layer4": (density, dedup_density), ...}
+    """
+
+    def __init__(self, model, blocks, max_neurons=1000, seed=0):
+        self.max_neurons, self.seed = max_neurons, seed
+        self.modules = {name: model.get_submodule(m) if isinstance(m, str) else m for name, m in blocks.items()}
+        self.handles, self.positives, self.counts, self.kept, self.subsets = [], {}, {}, {}, {}
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            flat = output.detach().reshape(output.shape[0], -1)  # one column per channel×position (SPEC §1.1)
+            if name not in self.subsets:
+                subset = neuron_subset(flat.shape[1], self.max_neurons, self.seed)
+                self.subsets[name] = None if subset is None else subset.to(flat.device)
+                self.positives[name], self.counts[name], self.kept[name] = 0, 0, []
+            self.positives[name] = self.positives[name] + (flat > 0).sum()  # stays on device: no sync per batch
+            self.counts[name] += flat.numel()
+            subset = self.subsets[name]
+            self.kept[name].append((flat if subset is None else flat[:, subset]).float())
+
+        return hook
+
+    def feature_sparsity(self, corr_threshold=0.95):
+        """{block name: (density, dedup_density)} over all batches seen so far (SPEC §1.1)."""
+        return {name: (int(self.positives[name]) / self.counts[name],
+                       dedup_density(torch.cat(self.kept[name]), corr_threshold))
+                for name in self.modules if name in self.kept}
+
+
+@torch.no_grad()
+def block_feature_sparsity(model, blocks, batches, corr_threshold=0.95, max_neurons=1000, seed=0):
+    """Feature sparsity of several blocks of a model from one forward pass per batch, in eval mode (SPEC §1.1).
+
+    batches: an iterable of model inputs (e.g. `(x.to(device) for x, _ in loader)`). Returns
+    {block name: (density, dedup_density)}. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with BlockActivations(model, blocks, max_neurons, seed) as acts:
+            for batch in batches:
+                model(batch)
+    finally:
+        model.train(was_training)
+    return acts.feature_sparsity(corr_threshold)
 
 
 def jacobian_rank(jacobian, eps):
