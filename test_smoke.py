@@ -287,3 +287,222 @@ def test_prepare_out_dir_rejects_unwritable_path(tmp_path, capsys):
         utils.prepare_out_dir(str(blocker / "sub"))
     assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err
     assert utils.prepare_out_dir(str(tmp_path / "new")) == str(tmp_path / "new")
+
+
+# ======================================================================================================================
+# Deep-net models (SPEC §4, §1.1 blocks, E7-E10)
+# ======================================================================================================================
+
+import torch.nn.functional as F  # noqa: E402  (imported here, beside the only tests that use them)
+import train_densenet  # noqa: E402
+import train_resnet  # noqa: E402
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def resnet18_parameters_by_hand(w, classes):
+    """Parameter count of the SPEC §4 ResNet-18, written out independently of the model code."""
+    def conv3_bn(cin, cout):
+        return 9 * cin * cout + 2 * cout  # 3×3 conv without bias, BN weight + bias
+
+    total = conv3_bn(3, w)  # stem
+    cin = w
+    for c in (w, 2 * w, 4 * w, 8 * w):
+        projection = 0 if c == w else cin * c + 2 * c  # stages 2-4 change the shape: 1×1 conv + BN shortcut
+        total += conv3_bn(cin, c) + conv3_bn(c, c) + projection  # first block of the stage
+        total += 2 * conv3_bn(c, c)  # second block
+        cin = c
+    return total + 8 * w * classes + classes  # linear head
+
+
+def densenet_bc_channels(depth, k):
+    """Channel counts at the three stage outputs of DenseNet-BC (compression 0.5), by hand."""
+    n = (depth - 4) // 6
+    stage1 = 2 * k + n * k
+    stage2 = stage1 // 2 + n * k
+    return stage1, stage2, stage2 // 2 + n * k
+
+
+def densenet_bc_parameters_by_hand(depth, k, classes):
+    n = (depth - 4) // 6
+    total, c = 3 * 9 * 2 * k, 2 * k
+    for stage in range(3):
+        for _ in range(n):
+            total += 2 * c + c * 4 * k + 2 * 4 * k + 9 * 4 * k * k  # BN, 1×1 conv, BN, 3×3 conv
+            c += k
+        if stage < 2:
+            total += 2 * c + c * (c // 2)  # transition: BN + 1×1 conv
+            c //= 2
+    return total + 2 * c + c * classes + classes  # final BN, linear head
+
+
+@pytest.fixture(scope="module")
+def resnet18_w64():
+    torch.manual_seed(0)
+    return train_resnet.ResNet18(num_classes=10, width=64)
+
+
+@pytest.fixture(scope="module")
+def densenet_bc_100():
+    torch.manual_seed(0)
+    return train_densenet.DenseNetBC(num_classes=10)
+
+
+def hooked_block_outputs(model, x):
+    """Forward x and return {log name: output of the SPARSITY_BLOCKS module}, resolved by get_submodule.
+
+    The outputs are kept without copying, on purpose: if a later in-place op (e.g. a ReLU(inplace=True)) overwrote a
+    hooked activation during the rest of the forward pass, the tests comparing blocks would see it.
+    """
+    outputs = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            outputs[name] = output.detach()
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_hook(keep(name))
+               for name, path in model.SPARSITY_BLOCKS.items()]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def test_resnet18_parameter_count_matches_hand_formula(resnet18_w64):
+    assert resnet18_parameters_by_hand(2, 10) == 11420  # worked out on paper for w = 2
+    assert count_parameters(train_resnet.ResNet18(num_classes=10, width=2)) == 11420
+    assert count_parameters(resnet18_w64) == resnet18_parameters_by_hand(64, 10) == 11_173_962
+    assert count_parameters(train_resnet.ResNet18(num_classes=200, width=8)) == resnet18_parameters_by_hand(8, 200)
+
+
+def test_densenet_bc_parameter_count_matches_hand_formula(densenet_bc_100):
+    assert count_parameters(densenet_bc_100) == densenet_bc_parameters_by_hand(100, 12, 10) == 769_162  # "0.8 M"
+    assert count_parameters(train_densenet.DenseNetBC(num_classes=100)) == densenet_bc_parameters_by_hand(100, 12, 100)
+    small = train_densenet.DenseNetBC(num_classes=200, depth=40, growth_rate=6)
+    assert count_parameters(small) == densenet_bc_parameters_by_hand(40, 6, 200)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("classes", [10, 100, 200])
+def test_deep_models_output_shapes_and_gradients(size, classes):
+    torch.manual_seed(0)
+    models = [train_resnet.ResNet18(num_classes=classes, width=4),
+              train_densenet.DenseNetBC(num_classes=classes, depth=16, growth_rate=4)]
+    for model in models:
+        out = model(torch.rand(2, 3, size, size))
+        assert out.shape == (2, classes) and torch.isfinite(out).all()
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in model.parameters())  # no unused parameters
+
+
+def test_densenet_bc_100_forward_on_tiny_imagenet_size(densenet_bc_100):
+    assert densenet_bc_100.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_resnet18_sparsity_blocks_have_spec_shapes_and_are_post_relu(resnet18_w64):
+    torch.manual_seed(0)
+    model = resnet18_w64.train()  # batch statistics: about half of every block's entries are zero
+    blocks = hooked_block_outputs(model, torch.rand(4, 3, 32, 32))
+    expected = {"block1": (64, 32, 32), "block2": (128, 16, 16), "block3": (256, 8, 8), "block4": (512, 4, 4),
+                "block5": (512,)}  # SPEC §1.1
+    assert {name: tuple(out.shape[1:]) for name, out in blocks.items()} == expected
+    for name in ("block1", "block2", "block3", "block4"):
+        assert blocks[name].min() == 0 and (blocks[name] > 0).any(), name  # post-ReLU: non-negative, some zeros
+    assert blocks["block5"].min() >= 0
+    assert torch.allclose(blocks["block5"], blocks["block4"].mean(dim=(2, 3)), atol=1e-6)
+    small = hooked_block_outputs(train_resnet.ResNet18(width=8), torch.rand(2, 3, 64, 64))  # Tiny ImageNet size
+    assert [tuple(out.shape[1:]) for out in small.values()] == [(8, 64, 64), (16, 32, 32), (32, 16, 16),
+                                                                (64, 8, 8), (64,)]
+
+
+def test_densenet_bc_sparsity_blocks_have_expected_shapes_and_are_post_relu(densenet_bc_100):
+    c1, c2, c3 = densenet_bc_channels(100, 12)
+    assert (c1, c2, c3) == (216, 300, 342)
+    blocks = hooked_block_outputs(densenet_bc_100.train(), torch.rand(2, 3, 32, 32))
+    expected = {"block1": (c1, 32, 32), "block2": (c2, 16, 16), "block3": (c3, 8, 8), "block4": (c3,)}
+    assert {name: tuple(out.shape[1:]) for name, out in blocks.items()} == expected
+    for name in ("block1", "block2", "block3"):
+        assert blocks[name].min() == 0 and (blocks[name] > 0).any(), name
+    assert torch.allclose(blocks["block4"], blocks["block3"].mean(dim=(2, 3)), atol=1e-6)
+
+
+def test_resnet_basic_block_is_post_activation():
+    """Recompute a block by hand: ReLU after the residual sum (post-activation), projection when the shape changes."""
+    torch.manual_seed(0)
+    block = train_resnet.BasicBlock(4, 8, stride=2).eval()
+    for bn in (block.bn1, block.bn2, block.shortcut[1]):  # non-trivial running statistics and affine parameters
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 4, 8, 8)
+
+    def bn(module, h):
+        return F.batch_norm(h, module.running_mean, module.running_var, module.weight, module.bias)
+
+    inner = torch.relu(bn(block.bn1, F.conv2d(x, block.conv1.weight, stride=2, padding=1)))
+    residual = bn(block.bn2, F.conv2d(inner, block.conv2.weight, padding=1))
+    shortcut = bn(block.shortcut[1], F.conv2d(x, block.shortcut[0].weight, stride=2))
+    assert torch.allclose(block(x), torch.relu(residual + shortcut), atol=1e-5)
+    identity_block = train_resnet.BasicBlock(8, 8, stride=1)
+    assert isinstance(identity_block.shortcut, torch.nn.Identity)
+
+
+def test_densenet_bottleneck_layer_is_pre_activation_and_concatenates():
+    torch.manual_seed(0)
+    layer = train_densenet.BottleneckLayer(6, growth_rate=3).eval()
+    x = torch.randn(2, 6, 5, 5)
+    bn1, bn2 = layer.norm_act1[0], layer.norm_act2[0]
+    h = F.conv2d(torch.relu(F.batch_norm(x, bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias)),
+                 layer.conv1.weight)
+    assert layer.conv1.weight.shape[0] == 12  # bottleneck width 4k
+    h = torch.relu(F.batch_norm(h, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias))
+    new = F.conv2d(h, layer.conv2.weight, padding=1)
+    out = layer(x)
+    assert out.shape == (2, 9, 5, 5)
+    assert torch.equal(out[:, :6], x) and torch.allclose(out[:, 6:], new, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["resnet", "densenet"])
+def test_deep_model_initialisation_statistics(model_name, resnet18_w64, densenet_bc_100):
+    """SPEC §4 init: BN weight 1 / bias 0, linear bias 0, conv std sqrt(2 / fan_out) (checked where fan_in differs)."""
+    model = resnet18_w64 if model_name == "resnet" else densenet_bc_100
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all((bn.weight == 1).all() and (bn.bias == 0).all() for bn in bns)
+    assert (model.fc.bias == 0).all() and model.fc.weight.std() > 0
+    conv = model.layer4[0].conv1 if model_name == "resnet" else model.stage3[-1].conv1  # 256→512 3×3 / 330→48 1×1
+    fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+    fan_in = conv.weight[0].numel()
+    assert fan_in != fan_out
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.03)
+    assert conv.weight.mean().abs().item() < 0.1 * math.sqrt(2 / fan_out)
+
+
+def test_deep_models_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    for model in (train_resnet.ResNet18(width=8), train_densenet.DenseNetBC(depth=40)):
+        reference = model(x)  # train mode: batch statistics, so the running statistics do not matter
+        model = model.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        blocks = hooked_block_outputs(model, x_cl)
+        first_block = blocks["block1"]  # stays channels_last through the stages (incl. DenseNet's concatenations)
+        assert first_block.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(model(x_cl), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_deep_models_reject_impossible_architectures():
+    for depth in (98, 4, 9):
+        with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
+            train_densenet.DenseNetBC(depth=depth)
+    with pytest.raises(ValueError, match="compression"):
+        train_densenet.DenseNetBC(compression=0)
+    with pytest.raises(ValueError, match="growth_rate"):
+        train_densenet.DenseNetBC(growth_rate=0)
+    with pytest.raises(ValueError, match="width"):
+        train_resnet.ResNet18(width=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        train_resnet.ResNet18(num_classes=2.5)
