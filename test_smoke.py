@@ -353,14 +353,15 @@ def densenet_bc_100():
 def hooked_block_outputs(model, x):
     """Forward x and return {log name: output of the SPARSITY_BLOCKS module}, resolved by get_submodule.
 
-    The outputs are kept without copying, on purpose: if a later in-place op (e.g. a ReLU(inplace=True)) overwrote a
-    hooked activation during the rest of the forward pass, the tests comparing blocks would see it.
+    Each output is copied when its hook fires (what utils.BlockActivations measures) and must still be unchanged at
+    the end of the forward pass: a later in-place op (e.g. ReLU(inplace=True) on a hooked BN output) would make a hook
+    that reads the tensor later see a different activation.
     """
-    outputs = {}
+    outputs, live = {}, {}
 
     def keep(name):
         def hook(module, inputs, output):
-            outputs[name] = output.detach()
+            outputs[name], live[name] = output.detach().clone(), output.detach()
         return hook
 
     handles = [model.get_submodule(path).register_forward_hook(keep(name))
@@ -370,6 +371,8 @@ def hooked_block_outputs(model, x):
     finally:
         for handle in handles:
             handle.remove()
+    for name, output in outputs.items():
+        assert torch.equal(live[name], output), f"{name} was modified in place after its hook fired"
     return outputs
 
 
@@ -385,6 +388,9 @@ def test_densenet_bc_parameter_count_matches_hand_formula(densenet_bc_100):
     assert count_parameters(train_densenet.DenseNetBC(num_classes=100)) == densenet_bc_parameters_by_hand(100, 12, 100)
     small = train_densenet.DenseNetBC(num_classes=200, depth=40, growth_rate=6)
     assert count_parameters(small) == densenet_bc_parameters_by_hand(40, 6, 200)
+    odd = train_densenet.DenseNetBC(depth=10, growth_rate=5)  # 15 channels -> floor(7.5) = 7 after the transition
+    assert odd.transition1.conv.out_channels == 7
+    assert count_parameters(odd) == densenet_bc_parameters_by_hand(10, 5, 10)
 
 
 @pytest.mark.parametrize("size", [32, 64])
