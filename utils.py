@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,10 +194,12 @@ class RunLog:
     `failed` (with the error message), and both still save the log before the exception propagates.
     """
 
-    def __init__(self, path, script, config, env=None, **extra):
+    def __init__(self, path, script, config, env=None, history=None, **extra):
+        """Start (and save) the log; `history` carries the records of an earlier part of a resumed run."""
         self.path = path
+        history = list(history or [])
         self.data = {"script": script, "config": dict(config), "env": env or environment_info(),
-                     "status": "running", "history": [], "final": None, **extra}
+                     "status": "running", "history": history, "final": history[-1] if history else None, **extra}
         self.save()
 
     def record(self, **metrics):
@@ -426,7 +429,8 @@ class BlockActivations:
             self.positives[name] = self.positives[name] + (flat > 0).sum()  # stays on device: no sync per batch
             self.counts[name] += flat.numel()
             subset = self.subsets[name]
-            self.kept[name].append((flat if subset is None else flat[:, subset]).float())
+            # a copy either way: a later in-place op of the model (e.g. ReLU(inplace=True)) must not alter it
+            self.kept[name].append(flat.clone() if subset is None else flat[:, subset])
 
         return hook
 
@@ -530,3 +534,408 @@ def deep_step_size(epoch, epochs, lr, schedule="piecewise", warmup_exp=1.0, larg
         return warmed(100.0 * epoch / epochs)
     peak = warmed(100.0 * large_frac)
     return peak / 10 if epoch < 0.9 * epochs else peak / 100
+
+
+# ======================================================================================================================
+# Deep-net training (SPEC E7–E10), shared by train_resnet.py and train_densenet.py
+# ======================================================================================================================
+
+SPARSITY_TAU_DEEP = 0.95  # SPEC §1.1: de-duplication threshold for deep nets
+_DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks (one host sync each, never one per step)
+
+
+def add_deep_net_arguments(parser, script, lr, warmup_exp):
+    """The command-line flags both deep-net scripts share (same name, same meaning); defaults = the paper's E7."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "tinyimagenet", "synthetic"],
+                      help="image classification data set; 'synthetic' is a small generated set for offline tests")
+    data.add_argument("--data-dir", default="./data",
+                      help="folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/")
+    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                      help="download the data set into --data-dir if it is missing")
+    data.add_argument("--n-train", type=positive_int, default=None,
+                      help="use only the first N training images (default: all)")
+    optim = parser.add_argument_group("optimisation (SPEC §2)")
+    optim.add_argument("--epochs", type=positive_int, default=100, help="training epochs E")
+    optim.add_argument("--batch-size", type=positive_int, default=256, help="SGD mini-batch size")
+    optim.add_argument("--lr", type=positive_float, default=lr,
+                       help="η0: the initial step size, BEFORE warmup (the peak is η0·w^(100T) for w > 1)")
+    optim.add_argument("--lr-schedule", default="piecewise", choices=["constant", "piecewise"],
+                       help="constant η0, or a large-step phase for T·E epochs then ÷10, and ÷100 from 0.9·E")
+    optim.add_argument("--warmup-exp", type=positive_float, default=warmup_exp,
+                       help="w: exponential warmup η0·w^u if w > 1 (u = % of training done), power warmup "
+                            "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
+    optim.add_argument("--large-lr-frac", type=positive_float, default=0.5,
+                       help="T: fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
+    optim.add_argument("--momentum", type=nonnegative_float, default=0.0, help="SGD (heavy-ball) momentum, in [0, 1)")
+    optim.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
+                       help="L2 penalty coefficient on all parameters (SPEC §4)")
+    optim.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="random crop (4-pixel zero padding) and horizontal flip, done per batch on the device")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-every", type=positive_int, default=200,
+                            help="iterations between evaluations (and checkpoints)")
+    evaluation.add_argument("--sparsity-examples", type=positive_int, default=10752,
+                            help="fixed unaugmented training images used for the feature sparsity and the train "
+                                 "loss/error (capped at the training-set size)")
+    evaluation.add_argument("--sparsity-neurons", type=positive_int, default=1000,
+                            help="neurons sampled per block for the de-duplicated sparsity (SPEC §1.1)")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=512,
+                            help="images per forward pass during evaluation (lower it if memory is short)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the initialisation, batches and augmentation")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="auto = CUDA if available, else MPS, else CPU")
+    run.add_argument("--out-dir", default=os.path.join("runs", script),
+                     help="folder for the JSON log and the checkpoint of this run")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this run (same flags) from its last checkpoint in --out-dir")
+    run.add_argument("--stop-at-epoch", type=positive_int, default=None,
+                     help="checkpoint and stop after this many epochs (e.g. to fit a job time limit); "
+                          "continue later with --resume")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                     help="CUDA matmul/conv precision: exact fp32, TF32 tensor cores, or bf16 autocast "
+                          "(CPU always runs fp32)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="NHWC memory format for images and conv weights (faster convolutions on CPU and GPU)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic CUDA kernels (cuDNN benchmark off); slower, bit-reproducible on one GPU")
+
+
+def check_deep_net_args(args):
+    """Cross-flag checks argparse cannot express, as one-line usage errors."""
+    if args.lr_schedule == "piecewise" and not args.large_lr_frac < 0.9:
+        usage_error("--large-lr-frac", f"must be below 0.9 (the ÷100 phase starts at 0.9·E), got {args.large_lr_frac}")
+    if args.momentum >= 1:
+        usage_error("--momentum", f"must be in [0, 1), got {args.momentum}")
+    if args.stop_at_epoch is not None and args.stop_at_epoch >= args.epochs:
+        usage_error("--stop-at-epoch", f"must be below --epochs ({args.epochs}), got {args.stop_at_epoch}")
+
+
+def _configure_backend(args, device):
+    """Apply --precision / --deterministic; returns the precision actually used (CPU always runs fp32)."""
+    precision = args.precision if device.type == "cuda" else "fp32"
+    if precision != args.precision:
+        print(f"note: --precision {args.precision} applies to CUDA only; running fp32 on {device.type}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"  # PyTorch enables TF32 convs by default
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return precision
+
+
+def schedule_label(args):
+    """Human label of a run's step-size schedule, used as the run name in logs and plot legends."""
+    if args.lr_schedule == "constant":
+        label = f"η = {args.lr:g} constant"
+    elif args.warmup_exp == 1:
+        label = f"η0 = {args.lr:g}, decay at {100 * args.large_lr_frac:g} %"
+    else:
+        kind = "exp." if args.warmup_exp > 1 else "power"
+        label = f"η0 = {args.lr:g}, {kind} warmup w = {args.warmup_exp:g}, decay at {100 * args.large_lr_frac:g} %"
+    if args.momentum or args.weight_decay or args.augment:
+        label += f" (mom {args.momentum:g}, wd {args.weight_decay:g}{', aug' if args.augment else ''})"
+    return label
+
+
+class DeepNetRun:
+    """One training run of a deep net: data on the device, SGD with the SPEC §2 schedule, evaluation, log, checkpoint.
+
+    Batches are index slices of a per-epoch permutation and augmentation draws its random numbers from (seed, step)
+    (see epoch_permutation / augment_batch), so a run is a pure function of its flags and the step counter: resuming
+    from a checkpoint replays exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, args, model, data, script, experiment, blocks, run_parts, device, precision):
+        self.args, self.model, self.data, self.blocks, self.device = args, model, data, blocks, device
+        self.autocast = precision == "bf16"
+        n_train = data.train_images.shape[0]
+        self.steps_per_epoch = math.ceil(n_train / args.batch_size)  # last batch may be smaller: no image dropped
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.n_sparsity = min(args.sparsity_examples, n_train)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay)
+        self.train_forward = torch.compile(model) if args.compile else model  # evaluation runs eager (hooks)
+        name = f"{experiment}_{run_slug(**run_parts)}_seed{args.seed}"
+        self.log_path = os.path.join(args.out_dir, name + ".json")
+        self.checkpoint_path = os.path.join(args.out_dir, name + ".pt")
+        self.step, self.cached_epoch, self.permutation = 0, None, None
+        self.stop_requested = False
+        config = {k: v for k, v in vars(args).items() if k != "resume"}
+        config.update(n_train=n_train, n_test=data.test_images.shape[0], num_classes=data.num_classes,
+                      steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                      sparsity_examples_used=self.n_sparsity, precision_used=precision, blocks=list(blocks))
+        env = environment_info(device)
+        env.update(n_params=sum(p.numel() for p in model.parameters()), deterministic=args.deterministic,
+                   compile=args.compile, channels_last=args.channels_last, precision=precision)
+        history = self._resume() if args.resume else []
+        self.log = RunLog(self.log_path, script, config, env, history=history, experiment=experiment,
+                          run=schedule_label(args), seed=args.seed)
+
+    # ---------------------------------------------------------------------------------------------- checkpoints ----
+
+    def _resume(self):
+        """Load the checkpoint of this exact run (same flags); returns the log history up to the checkpointed step."""
+        if not os.path.exists(self.checkpoint_path):
+            usage_error("--resume", f"no checkpoint at {self.checkpoint_path}; start the run without --resume "
+                                    "(resume needs the same flags and --out-dir as the original run)")
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        ignored = {"resume", "stop_at_epoch", "device"}  # flags that may differ between the parts of a run
+        changed = [k for k, v in state["args"].items() if k not in ignored and vars(self.args).get(k) != v]
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            usage_error("--resume", f"the checkpoint was made with different {flags}; use the original flags")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        with open(self.log_path) as f:
+            history = json.load(f)["history"]
+        print(f"resuming {self.log_path} at iteration {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
+        return [record for record in history if record["iter"] <= self.step]
+
+    def save_checkpoint(self):
+        """Model, optimizer, step and RNG states, written to a temp file then renamed (never a broken checkpoint)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "args": vars(self.args), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                 "numpy_rng": np.random.get_state()}
+        tmp = self.checkpoint_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    # ---------------------------------------------------------------------------------------------- training -------
+
+    def batch(self, step):
+        """Images (float, on device) and labels of SGD step `step`: a slice of this epoch's seeded permutation."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self.cached_epoch:
+            n_train = self.data.train_images.shape[0]
+            self.permutation = epoch_permutation(n_train, epoch, self.args.seed, self.device)
+            self.cached_epoch = epoch
+        indices = self.permutation[index * self.args.batch_size:(index + 1) * self.args.batch_size]
+        images = self.data.train_images[indices]
+        if self.args.augment:
+            images = augment_batch(images, self.args.seed, step)
+        return images_to_float(images, self.args.channels_last), self.data.train_labels[indices]
+
+    def train_step(self, step):
+        """One SGD step; the step size is set from this step's fractional epoch (SPEC §2).
+
+        Returns the loss as a device tensor (no host sync) and the number of images in the batch."""
+        lr = deep_step_size(step / self.steps_per_epoch, self.args.epochs, self.args.lr, self.args.lr_schedule,
+                            self.args.warmup_exp, self.args.large_lr_frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = self.batch(step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = torch.nn.functional.cross_entropy(self.train_forward(images).float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), labels.shape[0]
+
+    # ---------------------------------------------------------------------------------------------- evaluation -----
+
+    @torch.no_grad()
+    def _loss_and_error(self, images, labels):
+        """Mean cross-entropy and error rate over a whole image set, in eval-size chunks (one host sync at the end)."""
+        loss_sum = torch.zeros((), device=self.device)
+        errors = torch.zeros((), device=self.device, dtype=torch.long)
+        for start in range(0, images.shape[0], self.args.eval_batch_size):
+            chunk = images_to_float(images[start:start + self.args.eval_batch_size], self.args.channels_last)
+            target = labels[start:start + self.args.eval_batch_size]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(chunk).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            errors += (logits.argmax(dim=1) != target).sum()
+        return loss_sum.item() / images.shape[0], errors.item() / images.shape[0]
+
+    def evaluate(self):
+        """Train loss/error and feature sparsity of every block from ONE eval-mode pass over the fixed unaugmented
+        sparsity images (SPEC §1.1, E7), then test loss/error on the whole test set."""
+        self.model.eval()
+        with BlockActivations(self.model, self.blocks, self.args.sparsity_neurons, self.args.seed) as acts:
+            train_loss, train_error = self._loss_and_error(self.data.train_images[:self.n_sparsity],
+                                                           self.data.train_labels[:self.n_sparsity])
+        sparsity = acts.feature_sparsity(SPARSITY_TAU_DEEP)
+        test_loss, test_error = self._loss_and_error(self.data.test_images, self.data.test_labels)
+        self.model.train()
+        metrics = {"train_loss": train_loss, "train_error": train_error, "test_loss": test_loss,
+                   "test_error": test_error}
+        for name, (density, dedup) in sparsity.items():
+            metrics[f"density_{name}"], metrics[f"density_dedup_{name}"] = density, dedup
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------- main loop ------
+
+    def _request_stop(self, signum, frame):
+        """First Ctrl-C: finish the current step, checkpoint, mark the log interrupted. Second Ctrl-C: stop now."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nCtrl-C: stopping after this step (press again to abort at once)")
+
+    def run(self):
+        """Train to the end (or to --stop-at-epoch / Ctrl-C / divergence); returns the final status."""
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        try:
+            with self.log:
+                status = self._loop()
+                self.log.finish(status)
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        return status
+
+    def _loop(self):
+        args, start_step = self.args, self.step
+        stop_step = self.total_steps if args.stop_at_epoch is None else args.stop_at_epoch * self.steps_per_epoch
+        print(f"{self.log.data['run']} | {self.data.name}: {self.data.train_images.shape[0]} train / "
+              f"{self.data.test_images.shape[0]} test images | {self.log.data['env']['n_params']:,} parameters | "
+              f"{self.total_steps} iterations ({self.steps_per_epoch}/epoch) on {self.device}\nlog: {self.log_path}")
+        clock = _RunClock()
+        if not self.log.data["history"]:
+            self._evaluate_and_log(clock, loss_sum=None, steps=0)
+        loss_sum, window_steps = torch.zeros((), device=self.device), 0
+        while self.step < stop_step:
+            loss, n_images = self.train_step(self.step)
+            loss_sum += loss
+            self.step += 1
+            window_steps += 1
+            clock.add_images(n_images)
+            if self.step % _DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum).item():
+                return self._diverged(loss_sum / window_steps)
+            if self.step == start_step + 10:
+                clock.project(self.step, stop_step, args.eval_every)
+            if self.step % args.eval_every == 0 or self.step == self.total_steps:
+                if not torch.isfinite(loss_sum).item():
+                    return self._diverged(loss_sum / window_steps)
+                train_loss = self._evaluate_and_log(clock, loss_sum, window_steps)
+                if not math.isfinite(train_loss):
+                    return self._diverged(train_loss)
+                loss_sum, window_steps = torch.zeros((), device=self.device), 0
+            if self.stop_requested:
+                self.save_checkpoint()
+                print(f"interrupted at iteration {self.step}; checkpoint saved, continue with --resume")
+                return "interrupted"
+        if self.step < self.total_steps:
+            self.save_checkpoint()
+            print(f"stopped at epoch {args.stop_at_epoch} as asked (--stop-at-epoch); continue with --resume")
+            return "interrupted"
+        return "completed"
+
+    def _evaluate_and_log(self, clock, loss_sum, steps):
+        """Evaluate, append a log record, checkpoint, print one progress line; returns the (eval-mode) train loss."""
+        clock.pause()
+        metrics = self.evaluate()
+        epoch = self.step / self.steps_per_epoch
+        lr = deep_step_size(epoch, self.args.epochs, self.args.lr, self.args.lr_schedule, self.args.warmup_exp,
+                            self.args.large_lr_frac)
+        if steps:
+            metrics["train_loss_batches"] = loss_sum.item() / steps  # mean mini-batch loss since the last eval
+        self.log.record(iter=self.step, epoch=epoch, lr=lr, **metrics, wall_time=clock.elapsed(),
+                        images_per_sec=clock.throughput())
+        if self.step > 0:
+            self.save_checkpoint()
+        clock.resume()
+        last_block = list(self.blocks)[-1]
+        print(f"iter {self.step:>6}/{self.total_steps} ep {epoch:6.2f} | lr {lr:.4g} | train loss "
+              f"{metrics['train_loss']:.4f} err {100 * metrics['train_error']:5.2f}% | test err "
+              f"{100 * metrics['test_error']:5.2f}% | {last_block} density {100 * metrics[f'density_{last_block}']:.1f}% "
+              f"dedup {100 * metrics[f'density_dedup_{last_block}']:.1f}% | {clock.throughput() or 0:.0f} img/s | "
+              f"{format_seconds(clock.elapsed())} elapsed{clock.eta(self.step, self.total_steps, self.args.eval_every)}",
+              flush=True)
+        return metrics["train_loss"]
+
+    def _diverged(self, loss):
+        """Record a NaN/inf loss as status `diverged` with a clear message (the paper's large steps can diverge)."""
+        loss = float(loss)
+        epoch = self.step / self.steps_per_epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.record(iter=self.step, epoch=epoch, lr=lr, train_loss_batches=loss, train_loss=None)
+        print(f"DIVERGED at iteration {self.step} (epoch {epoch:.2f}): training loss is {loss}; the step size "
+              f"({lr:.4g} at that point) is too large for this setting. Log: {self.log_path}")
+        return "diverged"
+
+
+class _RunClock:
+    """Wall-time bookkeeping of a run: training time and images (for throughput), evaluation time (for the ETA)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.train_seconds, self.eval_seconds, self.images, self.evals = 0.0, 0.0, 0, 0
+        self.window_start, self.eval_start = self.start, None
+
+    def pause(self):
+        now = time.perf_counter()
+        self.train_seconds += now - self.window_start
+        self.eval_start = now
+
+    def resume(self):
+        now = time.perf_counter()
+        self.eval_seconds += now - self.eval_start
+        self.evals += 1
+        self.window_start = now
+
+    def add_images(self, n_images):
+        self.images += n_images
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def throughput(self):
+        """Training images per second so far (evaluation time excluded), or None before any training."""
+        seconds = self.train_seconds + (time.perf_counter() - self.window_start)
+        return self.images / seconds if self.images and seconds > 0 else None
+
+    def remaining_seconds(self, step, total_steps, eval_every, batch_images):
+        per_step = batch_images / self.throughput() if self.throughput() else 0.0
+        per_eval = self.eval_seconds / self.evals if self.evals else 0.0
+        remaining_evals = total_steps // eval_every - step // eval_every
+        return (total_steps - step) * per_step + remaining_evals * per_eval
+
+    def eta(self, step, total_steps, eval_every):
+        if step >= total_steps or not self.images:
+            return ""
+        batch_images = self.images / max(step, 1)
+        return f", ETA {format_seconds(self.remaining_seconds(step, total_steps, eval_every, batch_images))}"
+
+    def project(self, step, stop_step, eval_every):
+        batch_images = self.images / step
+        total = self.elapsed() + self.remaining_seconds(step, stop_step, eval_every, batch_images)
+        print(f"projected wall time for this run: {format_seconds(total)} "
+              f"({self.throughput():.0f} training images/s, evaluation every {eval_every} iterations)", flush=True)
+
+
+def run_deep_net(args, build_model, script, model_name, run_parts):
+    """Everything a deep-net script does after parsing its flags: data, model, training, log. Returns the status.
+
+    build_model(num_classes) -> nn.Module with a SPARSITY_BLOCKS dict {log name: module path}.
+    run_parts: model-specific parts of the run's file name (e.g. {"width": 64} for the ResNet).
+    """
+    check_deep_net_args(args)
+    device = resolve_device(args.device)
+    precision = _configure_backend(args, device)
+    prepare_out_dir(args.out_dir)
+    seed_everything(args.seed)
+    data = load_image_dataset(args.dataset, args.data_dir, args.download, args.n_train, device)
+    model = build_model(data.num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    schedule = {"constant": {}, "piecewise": {"warm": args.warmup_exp, "T": args.large_lr_frac}}[args.lr_schedule]
+    parts = {"lr": args.lr, args.lr_schedule: True, **schedule, "mom": args.momentum or None,
+             "wd": args.weight_decay or None, "aug": args.augment, "ep": args.epochs, "bs": args.batch_size,
+             "n": args.n_train, **run_parts}
+    run = DeepNetRun(args, model, data, script, f"{model_name}_{args.dataset}", model.SPARSITY_BLOCKS, parts,
+                     device, precision)
+    if args.resume and run.log.data["history"] and run.step >= run.total_steps:
+        print(f"this run is already complete: {run.log_path}")
+        run.log.finish("completed")
+        return "completed"
+    return run.run()
