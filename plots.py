@@ -32,10 +32,10 @@ def runs_by_label(logs):
 
 
 def metric_series(logs, metric, x_key="iter"):
-    """Median and min/max over seeds of `metric` against `x_key`, on the x values all seeds share.
+    """Median and min/max over seeds of `metric` against `x_key`, at every x value any seed recorded.
 
     Records where the metric is missing or null (e.g. after divergence) are skipped per seed, so a diverged seed
-    contributes only up to its last finite value.
+    contributes only up to its last finite value and the statistics at each x use the seeds that have a value there.
     """
     per_seed = []
     for log in logs:
@@ -45,19 +45,18 @@ def metric_series(logs, metric, x_key="iter"):
             per_seed.append(points)
     if not per_seed:
         return None
-    xs = sorted(set.intersection(*(set(p) for p in per_seed)))
-    if not xs:
-        return None
-    values = np.array([[p[x] for x in xs] for p in per_seed], dtype=float)
-    return np.array(xs, dtype=float), np.median(values, axis=0), values.min(axis=0), values.max(axis=0)
+    xs = sorted(set().union(*per_seed))
+    values = np.array([[p.get(x, np.nan) for x in xs] for p in per_seed], dtype=float)
+    return (np.array(xs, dtype=float), np.nanmedian(values, axis=0), np.nanmin(values, axis=0),
+            np.nanmax(values, axis=0))
 
 
-def plot_metric(ax, logs, metric, label=None, x_key="iter", color=None, **line_kwargs):
-    """Draw one run's `metric` (median over its seeds, with a min–max band when there are several)."""
+def plot_metric(ax, logs, metric, label=None, x_key="iter", color=None, scale=1.0, **line_kwargs):
+    """Draw one run's `metric` × `scale` (median over its seeds, with a min–max band when there are several)."""
     series = metric_series(logs, metric, x_key)
     if series is None:
         return None
-    xs, median, low, high = series
+    xs, median, low, high = (series[0],) + tuple(scale * values for values in series[1:])
     n_seeds = len(logs)
     if n_seeds > 1 and label is not None:
         label = f"{label} ({n_seeds} seeds)"
@@ -80,6 +79,42 @@ def save_figure(fig, out_dir, name):
 # ======================================================================================================================
 
 DRAWERS = {}
+
+
+# ------------------------------------------------------------------------------------------ deep nets (E7–E10) -----
+
+
+def draw_deep_net(experiment, logs, out_dir):
+    """Figure 1 of the paper for one model × data set: train loss, test error and, per block, the feature sparsity
+    (de-duplicated density solid, raw density dashed; SPEC §1.1) against epochs, one colour per run."""
+    blocks = logs[0]["config"].get("blocks", [])
+    panels = [("train_loss", "train loss", True), ("test_error", "test error (%)", False)]
+    panels += [(block, f"{block}: feature density (%)", False) for block in blocks]
+    n_cols = min(4, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.2 * n_rows), squeeze=False)
+    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+        color = f"C{color_index % 10}"
+        for ax, (key, title, log_scale) in zip(axes.flat, panels):
+            if key in blocks:
+                plot_metric(ax, runs, f"density_dedup_{key}", label, "epoch", color, scale=100)
+                plot_metric(ax, runs, f"density_{key}", None, "epoch", color, scale=100, linestyle="--", alpha=0.6)
+            else:
+                plot_metric(ax, runs, key, label, "epoch", color, scale=100 if key == "test_error" else 1)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            if log_scale:
+                ax.set_yscale("log")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{experiment} (solid: de-duplicated density, dashed: raw density)")
+    fig.tight_layout()
+    return [save_figure(fig, out_dir, experiment)]
+
+
+DRAWERS["train_resnet"] = draw_deep_net
+DRAWERS["train_densenet"] = draw_deep_net
 
 
 # ======================================================================================================================
