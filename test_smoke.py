@@ -6,6 +6,8 @@ data set needed: the tests generate tiny files in each real on-disk format.
 import json
 import math
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
@@ -512,3 +514,356 @@ def test_deep_models_reject_impossible_architectures():
         train_resnet.ResNet18(width=0)
     with pytest.raises(ValueError, match="num_classes"):
         train_resnet.ResNet18(num_classes=2.5)
+
+
+# ======================================================================================================================
+# Deep-net data
+# ======================================================================================================================
+#
+# Fixtures `fake_cifar10_dir`, `fake_cifar100_dir`, `fake_tinyimagenet_dir` (session-scoped) write tiny data sets in
+# the real on-disk layouts of SPEC §5 and return the --data-dir that holds them; the deep-net smoke tests reuse them.
+
+FAKE_CIFAR_PER_BATCH, FAKE_CIFAR_TEST = 8, 12  # CIFAR-10: 5 batches of 8 = 40 train images; CIFAR-100: one file of 40
+FAKE_TINY_WNIDS = ("n01443537", "n01629819", "n01641577")  # 3 classes (the real set has 200)
+FAKE_TINY_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))  # class k's training images are solid colour k
+FAKE_TINY_TRAIN, FAKE_TINY_VAL_LABELS = 4, (2, 0, 1, 1, 2, 0)  # train images per class; val labels in file order
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+
+
+def channel_planes_image():
+    """A 32×32 RGB image (H×W×3) whose planes differ: R = 8·row, G = 8·column, B = 77."""
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    return np.stack([8 * rows, 8 * cols, np.full((32, 32), 77)], axis=-1).astype(np.uint8)
+
+
+def cifar_rows(images_hwc):
+    """Encode H×W×3 images as CIFAR rows: the R plane, then G, then B, each 32×32 row-major (SPEC §5)."""
+    return np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2).reshape(len(images_hwc), 3072))
+
+
+def write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def read_pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+@pytest.fixture(scope="session")
+def fake_cifar10_dir(tmp_path_factory):
+    """--data-dir holding cifar-10-batches-py/: data_batch_1..5 (8 images each), test_batch (12), batches.meta.
+    Training image 0 is channel_planes_image(); labels are plain int lists, as in the real pickles."""
+    root = tmp_path_factory.mktemp("cifar10_data")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(10)
+    for k in range(1, 6):
+        images = rng.integers(0, 256, (FAKE_CIFAR_PER_BATCH, 32, 32, 3), dtype=np.uint8)
+        if k == 1:
+            images[0] = channel_planes_image()
+        labels = [int(v) for v in rng.integers(0, 10, FAKE_CIFAR_PER_BATCH)]
+        write_pickle(folder / f"data_batch_{k}", {"batch_label": f"training batch {k} of 5", "labels": labels,
+                                                  "data": cifar_rows(images), "filenames": [""] * len(labels)})
+    test_images = rng.integers(0, 256, (FAKE_CIFAR_TEST, 32, 32, 3), dtype=np.uint8)
+    write_pickle(folder / "test_batch", {"labels": [k % 10 for k in range(FAKE_CIFAR_TEST)],
+                                         "data": cifar_rows(test_images)})
+    write_pickle(folder / "batches.meta", {"label_names": [f"class{k}" for k in range(10)], "num_vis": 3072,
+                                           "num_cases_per_batch": FAKE_CIFAR_PER_BATCH})
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def fake_cifar100_dir(tmp_path_factory):
+    """--data-dir holding cifar-100-python/: train (40 images), test (12), meta; fine and coarse labels."""
+    root = tmp_path_factory.mktemp("cifar100_data")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(100)
+    for split, n in (("train", 5 * FAKE_CIFAR_PER_BATCH), ("test", FAKE_CIFAR_TEST)):
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        fine[0] = 99  # the largest label must be accepted
+        write_pickle(folder / split, {"fine_labels": fine, "coarse_labels": [v // 5 for v in fine],
+                                      "data": cifar_rows(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))})
+    write_pickle(folder / "meta", {"fine_label_names": [f"fine{k}" for k in range(100)],
+                                   "coarse_label_names": [f"coarse{k}" for k in range(20)]})
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def fake_tinyimagenet_dir(tmp_path_factory):
+    """--data-dir holding tiny-imagenet-200/ with 3 classes (wnids.txt), 4 solid-colour 64×64 training JPEGs per class
+    (class 1's last one greyscale, value 128), 6 val JPEGs labelled by val/val_annotations.txt (one greyscale)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tinyimagenet_data")
+    folder = root / "tiny-imagenet-200"
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("".join(w + "\n" for w in FAKE_TINY_WNIDS))
+    for k, wnid in enumerate(FAKE_TINY_WNIDS):
+        (folder / "train" / wnid / "images").mkdir(parents=True)
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("")  # present in the real set; not an image
+        for j in range(FAKE_TINY_TRAIN):
+            image = Image.new("RGB", (64, 64), FAKE_TINY_COLOURS[k])
+            if k == 1 and j == FAKE_TINY_TRAIN - 1:
+                image = Image.new("L", (64, 64), 128)
+            image.save(folder / "train" / wnid / "images" / f"{wnid}_{j}.JPEG", quality=95)
+    lines = []
+    for i, label in enumerate(FAKE_TINY_VAL_LABELS):
+        image = Image.new("L", (64, 64), 60) if i == 0 else Image.new("RGB", (64, 64), FAKE_TINY_COLOURS[label])
+        image.save(folder / "val" / "images" / f"val_{i}.JPEG", quality=95)
+        lines.append(f"val_{i}.JPEG\t{FAKE_TINY_WNIDS[label]}\t0\t0\t63\t63\n")
+    (folder / "val" / "val_annotations.txt").write_text("".join(lines))
+    return str(root)
+
+
+def test_cifar10_loader_reads_channel_major_rows_exactly(fake_cifar10_dir):
+    data = utils.load_image_dataset("cifar10", fake_cifar10_dir)
+    assert data.name == "cifar10" and data.num_classes == 10
+    assert data.train_images.shape == (5 * FAKE_CIFAR_PER_BATCH, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (FAKE_CIFAR_TEST, 3, 32, 32) and data.test_labels.dtype == torch.int64
+    # the hand-made image: plane 0 must be R = 8·row, plane 1 G = 8·column, plane 2 B = 77
+    image = data.train_images[0].long()
+    assert torch.equal(image[0], 8 * torch.arange(32)[:, None].expand(32, 32))
+    assert torch.equal(image[1], 8 * torch.arange(32)[None, :].expand(32, 32))
+    assert torch.equal(image[2], torch.full((32, 32), 77))
+    folder = os.path.join(fake_cifar10_dir, "cifar-10-batches-py")
+    batches = [read_pickle(os.path.join(folder, f"data_batch_{k}")) for k in range(1, 6)]
+    rows = np.concatenate([b["data"] for b in batches])
+    assert torch.equal(data.train_images.reshape(len(rows), -1), torch.from_numpy(rows))
+    assert data.train_labels.tolist() == sum((b["labels"] for b in batches), [])
+    assert data.test_labels.tolist() == [k % 10 for k in range(FAKE_CIFAR_TEST)]
+
+
+def test_cifar100_loader_uses_fine_labels(fake_cifar100_dir):
+    data = utils.load_image_dataset("cifar100", fake_cifar100_dir)
+    train = read_pickle(os.path.join(fake_cifar100_dir, "cifar-100-python", "train"))
+    assert data.num_classes == 100 and data.train_images.shape == (5 * FAKE_CIFAR_PER_BATCH, 3, 32, 32)
+    assert data.train_labels.tolist() == train["fine_labels"] and data.train_labels.max() == 99
+    assert torch.equal(data.train_images.reshape(len(train["data"]), -1), torch.from_numpy(train["data"]))
+    assert data.test_images.shape == (FAKE_CIFAR_TEST, 3, 32, 32)
+
+
+def test_tinyimagenet_loader_classes_labels_pixels(fake_tinyimagenet_dir, tmp_path):
+    root = shutil.copytree(fake_tinyimagenet_dir, tmp_path / "data")
+    data = utils.load_image_dataset("tinyimagenet", str(root))
+    assert data.num_classes == len(FAKE_TINY_WNIDS)  # from wnids.txt (200 in the real set)
+    n_train = len(FAKE_TINY_WNIDS) * FAKE_TINY_TRAIN
+    assert data.train_images.shape == (n_train, 3, 64, 64) and data.train_images.dtype == torch.uint8
+    # stored class-interleaved (k-th image of every class, then the next), so any prefix is class-balanced
+    assert data.train_labels.tolist() == [0, 1, 2] * FAKE_TINY_TRAIN
+    colours = data.train_images.float().mean(dim=(2, 3))
+    grey = n_train - 2  # the last image of class 1
+    expected = torch.tensor([FAKE_TINY_COLOURS[k] for k in data.train_labels.tolist()], dtype=torch.float)
+    expected[grey] = 128.0
+    assert (colours - expected).abs().max() < 3  # JPEG of a flat colour: within a few levels
+    assert torch.equal(data.train_images[grey, 0], data.train_images[grey, 1])  # greyscale -> 3 equal channels
+    assert torch.equal(data.train_images[grey, 0], data.train_images[grey, 2])
+    assert data.test_labels.tolist() == list(FAKE_TINY_VAL_LABELS)  # from val_annotations.txt, in file order
+    assert data.test_images.shape == (len(FAKE_TINY_VAL_LABELS), 3, 64, 64)
+    assert (data.test_images[0].float() - 60).abs().max() < 3 and torch.equal(data.test_images[0, 0],
+                                                                               data.test_images[0, 2])
+
+
+def test_tinyimagenet_decode_cache_written_reused_and_invalidated(fake_tinyimagenet_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    root = shutil.copytree(fake_tinyimagenet_dir, tmp_path / "data")
+    cache = root / "tiny-imagenet-200" / "decoded_uint8.npz"
+    if cache.exists():
+        cache.unlink()  # another test may have loaded the shared fixture (and written its cache) first
+    decoded = []
+    real_decode = utils._decode_jpegs
+    monkeypatch.setattr(utils, "_decode_jpegs", lambda folder, files: decoded.append(len(files)) or
+                        real_decode(folder, files))
+    first = utils.load_image_dataset("tinyimagenet", str(root))
+    assert decoded == [12, 6] and cache.exists()
+    assert not [p for p in os.listdir(cache.parent) if p.endswith(".tmp")]  # atomic write left no temp file
+    second = utils.load_image_dataset("tinyimagenet", str(root))
+    assert decoded == [12, 6]  # read from the cache: nothing decoded
+    for a, b in zip(first[:4], second[:4]):
+        assert torch.equal(a, b)
+    # a new training image changes the listing: the stale cache is ignored and rewritten
+    shutil.copy(root / "tiny-imagenet-200" / "train" / FAKE_TINY_WNIDS[0] / "images" / f"{FAKE_TINY_WNIDS[0]}_0.JPEG",
+                root / "tiny-imagenet-200" / "train" / FAKE_TINY_WNIDS[0] / "images" / "extra.JPEG")
+    third = utils.load_image_dataset("tinyimagenet", str(root))
+    assert decoded == [12, 6, 13, 6] and len(third.train_labels) == 13
+    cache.write_bytes(b"not an npz file")  # a damaged cache is decoded again, not a crash
+    assert len(utils.load_image_dataset("tinyimagenet", str(root)).train_labels) == 13
+    assert decoded[-2:] == [13, 6]
+    assert "decoding" in capsys.readouterr().out
+
+
+def test_tinyimagenet_damaged_jpeg_is_a_one_line_error(fake_tinyimagenet_dir, tmp_path, capsys):
+    root = shutil.copytree(fake_tinyimagenet_dir, tmp_path / "data")
+    (root / "tiny-imagenet-200" / "decoded_uint8.npz").unlink(missing_ok=True)
+    (root / "tiny-imagenet-200" / "val" / "images" / "val_3.JPEG").write_bytes(b"\xff\xd8 not really a JPEG")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_image_dataset("tinyimagenet", str(root))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "val_3.JPEG" in err and "--data-dir" in err
+
+
+def test_load_image_dataset_n_train_keeps_prefix_and_rejects_too_many(fake_cifar10_dir, capsys):
+    full = utils.load_image_dataset("cifar10", fake_cifar10_dir)
+    part = utils.load_image_dataset("cifar10", fake_cifar10_dir, n_train=10)
+    assert torch.equal(part.train_images, full.train_images[:10]) and torch.equal(part.train_labels,
+                                                                                 full.train_labels[:10])
+    assert torch.equal(part.test_images, full.test_images)
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_image_dataset("cifar10", fake_cifar10_dir, n_train=41)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--n-train" in err and "40" in err
+
+
+@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                          ("tinyimagenet", "tiny-imagenet-200")])
+def test_missing_data_is_a_one_line_error_naming_data_dir(name, folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_image_dataset(name, str(tmp_path))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--data-dir" in err and "--download" in err and os.path.join(str(tmp_path), folder) in err
+
+
+def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.datasets.utils
+
+    calls = []
+
+    def no_network(url, download_root, md5=None, **kwargs):
+        calls.append((url, md5))
+        raise urllib.error.URLError("[Errno -3] Temporary failure\nin name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_image_dataset("cifar10", str(tmp_path / "data"), download=True)
+    err = capsys.readouterr().err
+    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert "downloading CIFAR-10" in err and "name resolution" in err and "--data-dir" in err
+
+
+def test_failed_download_of_unreachable_url_fails_fast(tmp_path, monkeypatch, capsys):
+    # the real torchvision download path against a closed local port: refused at once, no network needed
+    monkeypatch.setitem(utils._IMAGE_SOURCES["cifar100"], "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.load_image_dataset("cifar100", str(tmp_path), download=True)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "downloading CIFAR-100" in err
+
+
+def test_download_fills_missing_data_dir(fake_cifar10_dir, tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def fake_download(url, download_root, md5=None, **kwargs):  # "extracts" the fake archive
+        shutil.copytree(os.path.join(fake_cifar10_dir, "cifar-10-batches-py"),
+                        os.path.join(download_root, "cifar-10-batches-py"))
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake_download)
+    data = utils.load_image_dataset("cifar10", str(tmp_path / "new"), download=True)
+    assert data.train_images.shape[0] == 5 * FAKE_CIFAR_PER_BATCH
+
+
+def candidate_crops(image, padding=4):
+    """All (top, left, flip) -> crop of the zero-padded image, by plain slicing (the reference semantics)."""
+    channels, height, width = image.shape
+    padded = torch.zeros(channels, height + 2 * padding, width + 2 * padding, dtype=image.dtype)
+    padded[:, padding:padding + height, padding:padding + width] = image
+    crops = {}
+    for top in range(2 * padding + 1):
+        for left in range(2 * padding + 1):
+            crop = padded[:, top:top + height, left:left + width]
+            crops[(top, left, False)], crops[(top, left, True)] = crop, crop.flip(2)
+    return crops
+
+
+def test_augment_batch_is_a_padded_crop_or_its_mirror():
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    out = utils.augment_batch(images, seed=3, step=7)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    found = []
+    for image, result in zip(images, out):
+        matches = [key for key, crop in candidate_crops(image).items() if torch.equal(crop, result)]
+        assert len(matches) == 1, "output is not a 4-pixel-padded crop (or its mirror) of its input"
+        found.append(matches[0])
+    tops, lefts, flips = zip(*found)
+    assert len(set(tops)) >= 6 and len(set(lefts)) >= 6 and 16 <= sum(flips) <= 48  # really random, both flips
+
+
+def test_augment_batch_is_a_pure_function_of_seed_and_step():
+    images = torch.randint(0, 256, (32, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    state = torch.get_rng_state()
+    a = utils.augment_batch(images, seed=0, step=5)
+    assert torch.equal(a, utils.augment_batch(images, seed=0, step=5))
+    assert not torch.equal(a, utils.augment_batch(images, seed=0, step=6))
+    assert not torch.equal(a, utils.augment_batch(images, seed=1, step=5))
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is untouched
+    if torch.cuda.is_available():  # random numbers are drawn on the CPU: GPU batches are augmented identically
+        assert torch.equal(a, utils.augment_batch(images.cuda(), seed=0, step=5).cpu())
+
+
+def test_augment_batch_of_blank_images_gives_shifted_rectangles():
+    out = utils.augment_batch(torch.full((256, 3, 32, 32), 255, dtype=torch.uint8), seed=0, step=0)
+    assert out.unique().tolist() == [0, 255]  # the zero padding shows up
+    heights, widths = [], []
+    for image in out:
+        mask = image[0] > 0
+        assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+        rows, cols = mask.any(dim=1), mask.any(dim=0)
+        assert torch.equal(mask, rows[:, None] & cols[None, :])  # the non-zero area is a rectangle ...
+        for line in (rows, cols):  # ... touching the image border on one side (a shift, not a hole)
+            assert bool(line[0]) or bool(line[-1])
+        heights.append(int(rows.sum()))
+        widths.append(int(cols.sum()))
+    assert set(heights) == set(widths) == {28, 29, 30, 31, 32}  # shifts of 0..4 pixels (offsets 0..8 of 9)
+
+
+def test_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
+    state = torch.get_rng_state()
+    perm = utils.epoch_permutation(1000, epoch=3, seed=7, device="cpu")
+    assert perm.dtype == torch.int64 and torch.equal(perm.sort().values, torch.arange(1000))
+    assert torch.equal(perm, utils.epoch_permutation(1000, epoch=3, seed=7, device="cpu"))
+    assert not torch.equal(perm, utils.epoch_permutation(1000, epoch=4, seed=7, device="cpu"))
+    assert not torch.equal(perm, utils.epoch_permutation(1000, epoch=3, seed=8, device="cpu"))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_images_to_float_scales_to_unit_interval_without_normalisation():
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).reshape(1, 3, 1, 1).expand(2, 3, 4, 4).contiguous()
+    out = utils.images_to_float(images)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert out[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.2, 1.0])
+    last = utils.images_to_float(images, channels_last=True)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, out)
+
+
+def test_synthetic_dataset_is_fixed_balanced_and_learnable():
+    torch.manual_seed(0)
+    first = utils.load_image_dataset("synthetic", None)
+    torch.manual_seed(1)  # the training seed must not change the data
+    second = utils.load_image_dataset("synthetic", None, n_train=100)
+    assert first.train_images.shape == (utils.SYNTHETIC_TRAIN, 3, 32, 32) and first.num_classes == 10
+    assert first.test_images.shape == (utils.SYNTHETIC_TEST, 3, 32, 32) and first.train_images.dtype == torch.uint8
+    assert torch.equal(second.train_images, first.train_images[:100]) and torch.equal(second.test_images,
+                                                                                      first.test_images)
+    assert torch.bincount(first.train_labels).tolist() == [utils.SYNTHETIC_TRAIN // 10] * 10
+    # learnable: even a nearest-class-mean classifier on raw pixels is far above chance (10 %)
+    x = first.train_images.flatten(1).float()
+    means = torch.stack([x[first.train_labels == k].mean(dim=0) for k in range(10)])
+    predicted = torch.cdist(first.test_images.flatten(1).float(), means).argmin(dim=1)
+    assert (predicted == first.test_labels).float().mean() > 0.6
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "cifar-10-batches-py")),
+                    reason="real CIFAR-10 not present in ../shared/data (optional; the kit never needs it)")
+def test_real_cifar10_in_shared_data_loads():
+    # its checksums differ from the official files (re-encoded copy): the loader reads the layout, not MD5 sums
+    data = utils.load_image_dataset("cifar10", SHARED_DATA)
+    assert data.train_images.shape == (50000, 3, 32, 32) and data.test_images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(data.train_labels).tolist() == [5000] * 10
+    assert torch.bincount(data.test_labels).tolist() == [1000] * 10
+    raw = read_pickle(os.path.join(SHARED_DATA, "cifar-10-batches-py", "test_batch"))
+    assert torch.equal(data.test_images[-1].flatten(), torch.from_numpy(raw["data"][-1]))

@@ -7,9 +7,12 @@ Sections: command line & errors | seeding & environment | JSON run logs | metric
 Section numbers (SPEC §x, Ex) refer to ../shared/SPEC.md, which summarises the paper's definitions.
 """
 import argparse
+import concurrent.futures
+import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import signal
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 
 import numpy as np
 import torch
@@ -939,3 +943,384 @@ def run_deep_net(args, build_model, script, model_name, run_parts):
         run.log.finish("completed")
         return "completed"
     return run.run()
+
+
+# ======================================================================================================================
+# Deep-net data (SPEC §5)
+# ======================================================================================================================
+#
+# The deep-net scripts keep a whole data set as uint8 tensors on the training device (STYLE practice 5, as in
+# airbench): a batch is an index slice of a seeded permutation, augmentation is a few tensor ops on the whole batch,
+# and there is no DataLoader and no per-image Python code in the training loop. All randomness is a pure function of
+# (seed, epoch) or (seed, step), so a resumed run replays exactly the same batches without saving generator state.
+
+IMAGE_DATASETS = ("cifar10", "cifar100", "tinyimagenet", "synthetic")  # `choices=` for --dataset
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512  # size of the generated "synthetic" set (32×32, 10 classes)
+
+# Where each data set lives under --data-dir (the layouts of SPEC §5) and the official archive that --download
+# fetches. Only the downloaded archive's MD5 is checked: extracted files are read as they are, so re-encoded copies
+# with other checksums (e.g. ../shared/data) load too.
+_IMAGE_SOURCES = {
+    "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py", num_classes=10, label_key="labels",
+                    train=[f"data_batch_{k}" for k in range(1, 6)], test=["test_batch"],
+                    expect="data_batch_1..5 and test_batch", size="170 MB",
+                    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    md5="c58f30108f718f92721af3b95e74349a"),
+    "cifar100": dict(title="CIFAR-100", folder="cifar-100-python", num_classes=100, label_key="fine_labels",
+                     train=["train"], test=["test"], expect="train and test", size="170 MB",
+                     url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85"),
+    "tinyimagenet": dict(title="Tiny ImageNet", folder="tiny-imagenet-200",
+                         train=["wnids.txt", "train"], test=[os.path.join("val", "val_annotations.txt")],
+                         expect="wnids.txt, train/ and val/val_annotations.txt", size="250 MB",
+                         url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+                         md5="90528d7ca1a48142e341f4ef8d21d0de"),
+}
+
+# Tags that give each consumer of (seed, index) its own random stream: epoch e's permutation and step e's
+# augmentation must not share random numbers.
+_PERMUTATION_STREAM, _AUGMENT_STREAM, _SYNTHETIC_STREAM = 1, 2, 3
+_SYNTHETIC_SEED = 20230  # fixed: the synthetic set is the same whatever --seed a run uses
+
+_TINY_IMAGENET_CACHE = "decoded_uint8.npz"  # decoded pixels, written beside the JPEGs after the first read
+_DECODE_TASK = 256  # image files per thread-pool task
+
+
+class ImageDataset(typing.NamedTuple):
+    """A whole image-classification data set in memory, on one device.
+
+    Images are uint8 N×3×H×W (RGB, 0..255; convert batches with images_to_float), labels int64 in [0, num_classes).
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    name: str
+
+
+def load_image_dataset(name, data_dir, download=False, n_train=None, device="cpu"):
+    """Load an image data set (`name` in IMAGE_DATASETS) as an ImageDataset whose tensors live on `device`.
+
+    - cifar10 / cifar100: the python pickles in <data_dir>/cifar-10-batches-py/ or <data_dir>/cifar-100-python/.
+    - tinyimagenet: <data_dir>/tiny-imagenet-200/ (200 classes in wnids.txt order, 64×64; test set = the 10 000 val
+      images). The JPEGs are decoded once and cached in tiny-imagenet-200/decoded_uint8.npz.
+    - synthetic: a generated set (no files; data_dir is ignored), see synthetic_image_dataset.
+    download=True fetches a missing data set from its official archive (MD5-checked) into data_dir. Missing data
+    stops with a one-line error naming --data-dir (exit 2); a failed download with a one-line error (exit 1).
+    n_train keeps the first n_train training images (None: all); too many stops with an error naming --n-train.
+    """
+    if name == "synthetic":
+        data = synthetic_image_dataset()
+    elif name in _IMAGE_SOURCES:
+        folder = _locate_image_data(name, data_dir, download)
+        data = _read_tiny_imagenet(folder) if name == "tinyimagenet" else _read_cifar(name, folder)
+    else:
+        raise ValueError(f"unknown image data set {name!r}; expected one of {IMAGE_DATASETS}")
+    data = _keep_first_train(data, n_train)
+    tensors = {field: getattr(data, field).to(device) for field in ImageDataset._fields[:4]}
+    return data._replace(**tensors)
+
+
+def _keep_first_train(data, n_train):
+    """Keep the first n_train training images (a copy, so the rest can be freed); the test set is untouched."""
+    available = len(data.train_labels)
+    if n_train is None or n_train == available:
+        return data
+    if not 1 <= n_train <= available:
+        usage_error("--n-train", f"{n_train} training images requested but {data.name} has {available}")
+    return data._replace(train_images=data.train_images[:n_train].clone(),
+                         train_labels=data.train_labels[:n_train].clone())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finding and downloading the files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _image_data_present(source, folder):
+    return all(os.path.exists(os.path.join(folder, path)) for path in source["train"] + source["test"])
+
+
+def _locate_image_data(name, data_dir, download):
+    """The data set's folder under data_dir, downloading it first if asked; a one-line usage error if it is missing."""
+    source = _IMAGE_SOURCES[name]
+    folder = os.path.join(data_dir, source["folder"])
+    if not _image_data_present(source, folder) and download:
+        _download_image_data(source, data_dir)
+    if not _image_data_present(source, folder):
+        usage_error("--data-dir", f"{source['title']} not found: expected {source['expect']} in {folder}; pass "
+                                  f"--download to fetch it (about {source['size']}), or --data-dir pointing at a "
+                                  f"folder that holds {source['folder']}/")
+    return folder
+
+
+def _download_image_data(source, data_dir):
+    """Fetch and extract the official archive into data_dir (torchvision checks its MD5 before extracting).
+
+    Any failure (no network, MD5 mismatch, full disk, missing torchvision) ends the run with one line and exit
+    code 1: it is the environment that failed, not the command line (which gets exit code 2).
+    """
+    print(f"downloading {source['title']} (about {source['size']}) from {source['url']} into {data_dir}", flush=True)
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        os.makedirs(data_dir, exist_ok=True)
+        download_and_extract_archive(source["url"], download_root=data_dir, md5=source["md5"], remove_finished=True)
+    except Exception as err:  # every cause gets the same one-line advice instead of a traceback
+        reason = " ".join(str(err).split()) or type(err).__name__
+        prog = os.path.basename(sys.argv[0]) or "python"
+        sys.stderr.write(f"{prog}: error: downloading {source['title']} from {source['url']} failed ({reason}); "
+                         f"fetch and extract it by hand so that {os.path.join(data_dir, source['folder'])}/ exists, "
+                         f"or pass --data-dir pointing at a folder that holds {source['folder']}/\n")
+        raise SystemExit(1) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (python pickles)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _read_cifar(name, folder):
+    source = _IMAGE_SOURCES[name]
+    train = [_read_cifar_file(os.path.join(folder, f), source) for f in source["train"]]
+    test = [_read_cifar_file(os.path.join(folder, f), source) for f in source["test"]]
+    return ImageDataset(train_images=torch.from_numpy(np.concatenate([images for images, _ in train])),
+                        train_labels=torch.from_numpy(np.concatenate([labels for _, labels in train])),
+                        test_images=torch.from_numpy(np.concatenate([images for images, _ in test])),
+                        test_labels=torch.from_numpy(np.concatenate([labels for _, labels in test])),
+                        num_classes=source["num_classes"], name=name)
+
+
+def _read_cifar_file(path, source):
+    """One CIFAR pickle -> (uint8 N×3×32×32, int64 N). Each row of `data` is the R, then G, then B 32×32 plane."""
+    try:
+        with open(path, "rb") as f:
+            # latin1 decodes the byte strings of the original Python 2 pickles; files written by Python 3 load too
+            entry = pickle.load(f, encoding="latin1")
+        entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
+        data = np.ascontiguousarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[source["label_key"]], dtype=np.int64)
+    except Exception as err:  # a damaged or foreign file: one line naming it, not a traceback
+        usage_error("--data-dir", f"{path} is not a readable {source['title']} file ({type(err).__name__}: {err})")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        usage_error("--data-dir", f"{path}: expected `data` of shape N×3072 and N labels, got {data.shape} and "
+                                  f"{labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= source["num_classes"]):
+        usage_error("--data-dir", f"{path}: labels outside 0..{source['num_classes'] - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny ImageNet (JPEG tree, decoded once into a cache)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _read_tiny_imagenet(folder):
+    """Tiny ImageNet as an ImageDataset; pixels from the decode cache when it matches the file listing."""
+    wnids, train_files, train_labels, test_files, test_labels = _tiny_imagenet_listing(folder)
+    # The cache is valid for exactly this list of files, labels and order (any file added, removed or relabelled
+    # changes the signature and triggers a fresh decode).
+    signature = hashlib.sha256("\n".join(["v1", *wnids, *train_files, *test_files, str(train_labels.tolist()),
+                                          str(test_labels.tolist())]).encode()).hexdigest()
+    cache = os.path.join(folder, _TINY_IMAGENET_CACHE)
+    images = _read_decode_cache(cache, signature)
+    if images is None:
+        print(f"decoding {len(train_files) + len(test_files)} Tiny ImageNet JPEGs once; cached in {cache}", flush=True)
+        images = {"train": _decode_jpegs(folder, train_files), "test": _decode_jpegs(folder, test_files)}
+        _write_decode_cache(cache, signature, images)
+    return ImageDataset(train_images=images["train"], train_labels=torch.from_numpy(train_labels),
+                        test_images=images["test"], test_labels=torch.from_numpy(test_labels),
+                        num_classes=len(wnids), name="tinyimagenet")
+
+
+def _tiny_imagenet_listing(folder):
+    """(wnids, train files, train labels, val files, val labels), file paths relative to `folder`.
+
+    Classes are numbered in wnids.txt order (200 in the real set). The training images are stored class-interleaved
+    (the k-th image of every class, then the (k+1)-th, ...), so that any prefix (--n-train, or a fixed subset for
+    measuring feature sparsity) is class-balanced, as CIFAR's is; every epoch is shuffled anyway.
+    """
+    with open(os.path.join(folder, "wnids.txt")) as f:
+        wnids = [line.strip() for line in f if line.strip()]
+    index = {wnid: k for k, wnid in enumerate(wnids)}
+    files, labels, ranks = [], [], []
+    for k, wnid in enumerate(wnids):
+        image_dir = os.path.join("train", wnid, "images")
+        if not os.path.isdir(os.path.join(folder, image_dir)):
+            usage_error("--data-dir", f"{os.path.join(folder, image_dir)} is missing (class {wnid} of wnids.txt)")
+        names = sorted(n for n in os.listdir(os.path.join(folder, image_dir)) if n.lower().endswith((".jpeg", ".jpg")))
+        files += [os.path.join(image_dir, n) for n in names]
+        labels += [k] * len(names)
+        ranks += range(len(names))
+    order = np.lexsort((labels, ranks))  # primary key: rank within the class; ties broken by class
+    train_files, train_labels = [files[i] for i in order], np.asarray(labels, dtype=np.int64)[order]
+    val_files, val_labels = [], []
+    with open(os.path.join(folder, "val", "val_annotations.txt")) as f:
+        for line in f:
+            fields = line.rstrip("\r\n").split("\t")  # file, wnid, bounding box
+            if len(fields) < 2:
+                continue
+            if fields[1] not in index:
+                usage_error("--data-dir", f"val_annotations.txt labels {fields[0]} with {fields[1]}, not in wnids.txt")
+            val_files.append(os.path.join("val", "images", fields[0]))
+            val_labels.append(index[fields[1]])
+    return wnids, train_files, train_labels, val_files, np.asarray(val_labels, dtype=np.int64)
+
+
+def _decode_jpegs(folder, files, size=64):
+    """Decode image files (paths relative to `folder`) into one uint8 N×3×size×size tensor, in a thread pool.
+
+    PIL's convert("RGB") turns greyscale JPEGs (the real set has some) into 3 equal channels. Speed: ~190 µs per
+    64×64 JPEG on one core of the 2-core development CPU (~20 s for Tiny ImageNet's 110 000 files, once: later reads
+    use the cache); PIL releases the GIL while decoding, so threads scale on bigger machines. (torchvision.io's
+    decode_jpeg measured ~3× faster, with identical pixels, but is deprecated since torchvision 0.29.)
+    """
+    from PIL import Image
+
+    pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)
+
+    def decode(start):  # one task = a run of files; returns the first problem as a message, or None
+        for i in range(start, min(start + _DECODE_TASK, len(files))):
+            path = os.path.join(folder, files[i])
+            try:
+                with Image.open(path) as image:
+                    decoded = np.asarray(image.convert("RGB"))
+            except (OSError, ValueError) as err:  # includes PIL.UnidentifiedImageError
+                return f"cannot decode {path} ({err})"
+            if decoded.shape != (size, size, 3):
+                return f"{path} is {decoded.shape[1]}×{decoded.shape[0]} pixels, expected {size}×{size}"
+            pixels[i] = decoded
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = [p for p in pool.map(decode, range(0, len(files), _DECODE_TASK)) if p]
+    if problems:
+        usage_error("--data-dir", problems[0])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # H×W×3 -> 3×H×W
+
+
+def _read_decode_cache(path, signature):
+    """{"train": uint8 tensor, "test": uint8 tensor} from the cache, or None if it is absent, stale or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as cache:
+            if str(cache["signature"]) != signature:
+                return None
+            return {"train": torch.from_numpy(cache["train"]), "test": torch.from_numpy(cache["test"])}
+    except Exception:  # missing or damaged cache: decode again and rewrite it
+        return None
+
+
+def _write_decode_cache(path, signature, images):
+    """Write the cache atomically (temp file + rename); a read-only data folder only costs a re-decode next time."""
+    folder = os.path.dirname(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, signature=np.array(signature), train=images["train"].numpy(), test=images["test"].numpy())
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"note: could not write the decode cache {path} ({err.strerror or err}); decoding again next time")
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synthetic set (tests and offline demos)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_image_dataset():
+    """A generated 10-class set of 32×32 RGB images: SYNTHETIC_TRAIN (2 560) train / SYNTHETIC_TEST (512) test images.
+
+    Class c has its own mean colour and its own sinusoidal stripes (orientation c·18°, 2, 3 or 4 periods per image,
+    a stripe colour); an image is its class's stripes at a random phase (i.e. randomly shifted) plus Gaussian pixel
+    noise of std 0.25 (a quarter of the pixel range). Labels cycle 0..9, so every prefix of 10k images is balanced.
+    Learnable but not trivial: a nearest-class-mean classifier gets ~89 % test accuracy; a 2-layer conv net trained
+    for 4 epochs with augment_batch reaches ~31 % test error (chance: 90 %). Deterministic: a fixed data seed,
+    independent of the training --seed.
+    """
+    generator = torch.Generator().manual_seed(_stream_seed(_SYNTHETIC_STREAM, _SYNTHETIC_SEED, 0))
+    colours, stripe_colours = torch.randn(2, 10, 3, 1, 1, generator=generator)
+    angles = torch.arange(10) * math.pi / 10
+    frequencies = 2 * math.pi * (2 + torch.arange(10) % 3) / 32  # radians per pixel
+    n_total = SYNTHETIC_TRAIN + SYNTHETIC_TEST
+    labels = torch.arange(n_total) % 10
+    phases = 2 * math.pi * torch.rand(n_total, 1, 1, generator=generator)
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    along = x * angles.cos()[labels, None, None] + y * angles.sin()[labels, None, None]  # N×32×32
+    stripes = torch.sin(frequencies[labels, None, None] * along + phases)
+    images = 0.5 + 0.05 * colours[labels] + 0.1 * stripes[:, None] * stripe_colours[labels]
+    images = images + 0.25 * torch.randn(n_total, 3, 32, 32, generator=generator)
+    images = (255 * images).round().clamp(0, 255).to(torch.uint8)
+    return ImageDataset(train_images=images[:SYNTHETIC_TRAIN].clone(), train_labels=labels[:SYNTHETIC_TRAIN].clone(),
+                        test_images=images[SYNTHETIC_TRAIN:].clone(), test_labels=labels[SYNTHETIC_TRAIN:].clone(),
+                        num_classes=10, name="synthetic")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches: shuffling, augmentation, conversion
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _stream_seed(stream, seed, index):
+    """A 63-bit torch seed that is a pure function of (stream, seed, index).
+
+    numpy's SeedSequence hashes the three integers, so nearby (seed, index) pairs give unrelated streams.
+    """
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    high, low = np.random.SeedSequence([stream, seed, index]).generate_state(2, dtype=np.uint32)
+    return (int(high) & 0x7FFFFFFF) << 32 | int(low)
+
+
+def epoch_permutation(n, epoch, seed, device="cpu"):
+    """The order in which epoch `epoch` visits the n training images: a pure function of (seed, epoch).
+
+    Stateless, so a run resumed at epoch e replays exactly the batches of an uninterrupted run. Drawn on the CPU
+    (then moved to `device`), so CPU and GPU runs with the same seed see the same batches.
+    """
+    generator = torch.Generator().manual_seed(_stream_seed(_PERMUTATION_STREAM, seed, epoch))
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def augment_batch(images, seed, step, padding=4):
+    """Random crop with `padding` zero pixels on each side (output the input size) and random horizontal flip.
+
+    The standard CIFAR augmentation of the authors' code (RandomCrop(32, padding=4) + RandomHorizontalFlip): the
+    crop's top-left corner is uniform in {0..2·padding}² of the zero-padded image and each image is mirrored with
+    probability 1/2. Vectorised over the batch on its own device (one gather, no per-image loop). The random numbers
+    are a pure function of (seed, step), drawn on the CPU, so resumed and CPU/GPU runs augment identically.
+    images: uint8 (or float) B×C×H×W. Returns a new tensor of the same shape, dtype and device.
+    """
+    n, _, height, width = images.shape
+    generator = torch.Generator().manual_seed(_stream_seed(_AUGMENT_STREAM, seed, step))
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    flips = torch.randint(0, 2, (1, n), generator=generator)
+    top, left, flip = torch.cat([offsets, flips]).to(images.device)  # one host-to-device copy
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    return _crop_windows(padded, top, left, flip == 1, height, width)
+
+
+def _crop_windows(padded, top, left, flip, height, width):
+    """Window [top_i : top_i + height, left_i : left_i + width] of each image i of `padded`, mirrored where flip_i.
+
+    One gather with per-image flat pixel indices: output pixel (y, x) of image i reads padded pixel
+    (top_i + y, left_i + x), or (top_i + y, left_i + width − 1 − x) when mirrored.
+    """
+    n, channels, _, padded_width = padded.shape
+    rows = top[:, None] + torch.arange(height, device=padded.device)
+    cols = left[:, None] + torch.arange(width, device=padded.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    index = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(n, 1, height * width)
+    windows = padded.reshape(n, channels, -1).gather(2, index.expand(n, channels, height * width))
+    return windows.reshape(n, channels, height, width)
+
+
+def images_to_float(images, channels_last=False):
+    """uint8 images -> float32 in [0, 1] (x / 255; no per-channel normalisation, SPEC §4), optionally channels_last."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)  # reorder the 4× smaller uint8 tensor
+    return images.div(255).float()  # true division casts to float32 in the same op; .float() is then a no-op
