@@ -867,3 +867,335 @@ def test_real_cifar10_in_shared_data_loads():
     assert torch.bincount(data.test_labels).tolist() == [1000] * 10
     raw = read_pickle(os.path.join(SHARED_DATA, "cifar-10-batches-py", "test_batch"))
     assert torch.equal(data.test_images[-1].flatten(), torch.from_numpy(raw["data"][-1]))
+
+
+# ======================================================================================================================
+# Deep-net training: train_resnet.py / train_densenet.py (SPEC E7–E10)
+# ======================================================================================================================
+
+TINY_RESNET = ["train_resnet.py", "--width", "4", "--epochs", "1", "--batch-size", "64", "--eval-every", "2",
+               "--sparsity-examples", "96", "--sparsity-neurons", "50", "--eval-batch-size", "64", "--device", "cpu"]
+TINY_DENSENET = ["train_densenet.py", "--depth", "10", "--growth-rate", "4", "--epochs", "1", "--batch-size", "64",
+                 "--eval-every", "2", "--sparsity-examples", "96", "--sparsity-neurons", "50", "--device", "cpu"]
+
+
+def only_log(folder):
+    """The single JSON run log in `folder` (a deep-net run writes exactly one, next to its checkpoint)."""
+    logs = [name for name in os.listdir(folder) if name.endswith(".json")]
+    assert len(logs) == 1, logs
+    return os.path.join(folder, logs[0])
+
+
+def test_block_activations_one_pass_equals_sparsity_of_each_full_block():
+    from train_resnet import ResNet18
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=10, width=4).eval()
+    images = torch.rand(40, 3, 32, 32)
+    stats = utils.block_feature_sparsity(model, model.SPARSITY_BLOCKS, images.split(16), max_neurons=60, seed=5)
+    for name, path in model.SPARSITY_BLOCKS.items():
+        captured = []
+        handle = model.get_submodule(path).register_forward_hook(lambda m, i, out: captured.append(out.clone()))
+        with torch.no_grad():
+            model(images)
+        handle.remove()
+        expected = utils.feature_sparsity(captured[0], 0.95, max_neurons=60, seed=5)
+        assert stats[name] == pytest.approx(expected, abs=1e-12), name
+    assert model.training is False  # the helper restores the mode it found
+
+
+@pytest.mark.parametrize("script", [TINY_RESNET, TINY_DENSENET], ids=["resnet", "densenet"])
+def test_deep_net_script_runs_logs_and_plots(script, tmp_path):
+    out = tmp_path / "runs"
+    result = run_script(*script, "--dataset", "synthetic", "--n-train", "256", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "projected wall time" in result.stdout
+    log = assert_valid_log(only_log(out), script[0][:-3])
+    assert log["status"] == "completed"
+    blocks = log["config"]["blocks"]
+    assert len(blocks) == (5 if script is TINY_RESNET else 4)
+    assert [r["iter"] for r in log["history"]] == [0, 2, 4]  # 256 images / batch 64 = 4 iterations, eval every 2
+    for record in log["history"]:
+        for key in ("epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "wall_time"):
+            assert key in record
+        for block in blocks:  # raw density over all neurons, de-duplicated over the sampled 50 (SPEC §1.1)
+            assert 0 < record[f"density_{block}"] <= 1 and 0 < record[f"density_dedup_{block}"] <= 1
+    # default schedule: exponential warmup 1.05 for T = 50 % of training, set from each step's fractional epoch
+    assert log["history"][1]["lr"] == pytest.approx(0.75 * 1.05 ** 50 / 10)  # epoch 0.5 = T·E: first ÷10 step
+    assert log["final"]["images_per_sec"] > 0
+    figures = tmp_path / "figures"
+    plotted = run_script("plots.py", "--logs", str(out), "--out", str(figures))
+    assert plotted.returncode == 0, plotted.stderr
+    assert [p.suffix for p in figures.iterdir()] == [".png"]
+
+
+@pytest.mark.parametrize("dataset, fixture", [("cifar10", "fake_cifar10_dir"), ("cifar100", "fake_cifar100_dir"),
+                                              ("tinyimagenet", "fake_tinyimagenet_dir")])
+def test_deep_net_script_reads_each_on_disk_format(dataset, fixture, request, tmp_path):
+    data_dir = request.getfixturevalue(fixture)
+    result = run_script(*TINY_RESNET, "--dataset", dataset, "--data-dir", str(data_dir), "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    log = assert_valid_log(only_log(tmp_path), "train_resnet")
+    assert log["status"] == "completed" and log["config"]["dataset"] == dataset
+    assert log["config"]["n_test"] > 0
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "128", "--epochs", "2", "--momentum", "0.9",
+             "--augment", "--eval-every", "3"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_script(*flags, "--out-dir", str(whole)).returncode == 0
+    first = run_script(*flags, "--out-dir", str(parts), "--stop-at-epoch", "1")
+    assert first.returncode == 0 and "--resume" in first.stdout
+    assert json.load(open(only_log(parts)))["status"] == "interrupted"
+    second = run_script(*flags, "--out-dir", str(parts), "--resume")
+    assert second.returncode == 0, second.stderr
+    states = [torch.load(str(path)[:-5] + ".pt", weights_only=False) for path in (only_log(whole), only_log(parts))]
+    assert states[0]["step"] == states[1]["step"] == 4
+    for name, tensor in states[0]["model"].items():
+        assert torch.equal(tensor, states[1]["model"][name]), name
+    logs = [json.load(open(only_log(folder))) for folder in (whole, parts)]
+    assert logs[1]["status"] == "completed"
+    strip = ("wall_time", "images_per_sec")  # timings differ; every measured quantity must not
+    assert [{k: v for k, v in r.items() if k not in strip} for r in logs[0]["history"]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in logs[1]["history"]]
+
+
+def test_ctrl_c_checkpoints_and_marks_the_log_interrupted(tmp_path):
+    import signal
+    flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "256", "--epochs", "50", "--out-dir", str(tmp_path)]
+    process = subprocess.Popen([sys.executable, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:
+        if line.startswith("iter") and not line.startswith("iter      0"):
+            break
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    log = json.load(open(only_log(tmp_path)))
+    assert log["status"] == "interrupted"
+    assert os.path.exists(only_log(tmp_path)[:-5] + ".pt")
+
+
+def test_divergence_is_detected_logged_and_reported(tmp_path):
+    result = run_script(*TINY_RESNET, "--dataset", "synthetic", "--n-train", "256", "--epochs", "40",
+                        "--lr-schedule", "constant", "--lr", "1e6", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "DIVERGED" in result.stdout
+    log = json.load(open(only_log(tmp_path)))
+    assert log["status"] == "diverged"
+    assert log["final"]["iter"] < 40 * 4  # stopped early instead of training on NaNs
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lr", "-1"], "--lr"),
+    (["--large-lr-frac", "0.95"], "--large-lr-frac"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--resume"], "--resume"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir"),
+    (["--n-train", "0"], "--n-train"),
+    (["--out-dir", "/proc/forbidden"], "--out-dir"),
+])
+def test_deep_net_bad_input_is_one_line_exit_2(args, flag, tmp_path):
+    out = [] if "--out-dir" in args else ["--out-dir", str(tmp_path)]
+    result = run_script(*TINY_RESNET, "--dataset", "synthetic", *out, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_densenet_rejects_invalid_depth(tmp_path):
+    result = run_script(*TINY_DENSENET, "--depth", "11", "--dataset", "synthetic", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and "--depth" in result.stderr and result.stderr.count("\n") == 1
+
+
+# ======================================================================================================================
+# two_layer_relu.py: ReLU toys E4 (1-D regression), E5 (2-layer teacher–student), E6 (3-layer teacher–student)
+# ======================================================================================================================
+
+import two_layer_relu as relu_toy  # noqa: E402  (imported here so this section stays self-contained)
+
+
+def relu_toy_config(preset, **overrides):
+    """The resolved config of a preset as the script builds it (rank points filled in), with overrides."""
+    args = relu_toy.build_parser().parse_args(["--preset", preset])
+    cfg, _, _ = relu_toy.resolve_config(args)
+    return {**cfg, **overrides}
+
+
+def random_relu_layers(preset, seed=0):
+    """A student of the preset's architecture with every weight random and non-zero (a = 0 would hide W1's grads)."""
+    cfg = relu_toy_config(preset)
+    rng = np.random.RandomState(seed)
+    sizes, biases = relu_toy.student_sizes(preset, cfg), relu_toy.student_biases(preset)
+    return [[rng.randn(fan_out, fan_in), rng.randn(fan_out) if bias else None]
+            for fan_in, fan_out, bias in zip(sizes[:-1], sizes[1:], biases)]
+
+
+@pytest.mark.parametrize("preset", ["e4", "e5", "e6"])
+def test_relu_manual_sgd_step_matches_autograd(preset):
+    layers = random_relu_layers(preset)
+    model = relu_toy.torch_model(layers)  # nn.Sequential(Linear, ReLU, ...) holding the same weights
+    x = np.random.RandomState(1).randn(layers[0][0].shape[1])
+    y, lr = 0.7, 0.05
+    loss = (model(torch.from_numpy(x)[None])[0, 0] - y) ** 2  # plain MSE on one example, no ½ (SPEC §1.3)
+    loss.backward()
+    expected = [(p - lr * p.grad).detach().numpy() for p in model.parameters()]
+    relu_toy.sgd_step(layers, x, y, lr)
+    got = [array for layer in layers for array in layer if array is not None]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["e4", "e5", "e6"])
+def test_relu_forward_matches_torch_model_and_param_count(preset):
+    layers = random_relu_layers(preset, seed=2)
+    x = np.random.RandomState(3).randn(7, layers[0][0].shape[1])
+    out, hidden = relu_toy.forward(layers, x)
+    model = relu_toy.torch_model(layers)
+    np.testing.assert_allclose(out, model(torch.from_numpy(x))[:, 0].detach().numpy(), rtol=1e-12)
+    assert len(hidden) == len(layers) - 1 and all((h >= 0).all() for h in hidden)
+    cfg = relu_toy_config(preset)
+    count = relu_toy.n_params(relu_toy.student_sizes(preset, cfg), relu_toy.student_biases(preset))
+    assert count == sum(p.numel() for p in model.parameters()) == {"e4": 300, "e5": 60, "e6": 181}[preset]
+
+
+def test_relu_normalise_rows_zero_row_stays_zero():
+    phi = np.array([[3.0, 4.0], [0.0, 0.0]])
+    with np.errstate(all="raise"):  # 0/0 must not even warn
+        np.testing.assert_array_equal(relu_toy.normalise_rows(phi), [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_relu_sparsity_uses_row_normalised_features():
+    # Rows 1 and 2 are proportional: after row normalisation column 0 = [a, a, 0] and column 2 = [a, a, 1] are exactly
+    # anti-correlated, so column 0 is deleted (density 5/9 -> 3/9). Without normalisation corr = −0.5 and nothing goes.
+    phi = np.array([[1.0, 0.0, 1.0], [2.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    assert relu_toy.sparsity_metrics([phi], 0.99) == pytest.approx(
+        {"feature_sparsity": 5 / 9, "feature_sparsity_dedup": 3 / 9})
+    assert utils.feature_sparsity(phi, 0.99) == pytest.approx((5 / 9, 5 / 9))
+    two = relu_toy.sparsity_metrics([phi, phi[:, :2]], 0.99)
+    assert set(two) == {"feature_sparsity_layer1", "feature_sparsity_dedup_layer1", "feature_sparsity_layer2",
+                        "feature_sparsity_dedup_layer2"}
+    assert two["feature_sparsity_layer2"] == pytest.approx(2 / 6)  # [[1, 0], [2, 0], [0, 0]]: 2 positive of 6
+
+
+def test_relu_eval_iterations_follow_round_linspace_convention():
+    assert relu_toy.eval_iterations(10, 5).tolist() == [0, 2, 5, 8]  # round(linspace(0, 10, 5))[:-1]; 2.5 -> 2
+    evals = relu_toy.eval_iterations(14126, 250)
+    assert len(evals) == 249 and evals[-1] == 14069  # the "final" E5 numbers are measured here (SPEC E1 convention)
+
+
+def test_relu_e4_data_hand_values():
+    x, y = relu_toy.e4_data()
+    assert x.shape == (12, 1) and y.shape == (12,)
+    assert x[0, 0] == pytest.approx(-5.5 / 4 + 0.07) and x[11, 0] == pytest.approx(5.5 / 4 + 0.07)
+    assert y[0] == pytest.approx(0.345 - 2) and y[4] == pytest.approx(2.345)
+
+
+@pytest.mark.parametrize("preset, d, n, rank_points", [("e5", 2, 15, 60), ("e6", 5, 50, 181)])
+def test_relu_teacher_student_data_shapes_and_seeding(preset, d, n, rank_points):
+    cfg = relu_toy_config(preset)
+    problem = relu_toy.make_problem(preset, cfg)
+    assert problem["x_train"].shape == (n, d) and problem["x_test"].shape == (1000, d)
+    assert problem["y_train"].shape == (n,) and problem["rank_x"].shape == (rank_points, d)
+    np.testing.assert_allclose(np.linalg.norm(problem["x_test"], axis=1), 1.0)  # inputs on the unit sphere
+    np.testing.assert_allclose(problem["y_train"], relu_toy.forward(problem["teacher"], problem["x_train"])[0])
+    again = relu_toy.make_problem(preset, cfg)
+    np.testing.assert_array_equal(again["x_train"], problem["x_train"])
+    other = relu_toy.make_problem(preset, {**cfg, "data_seed": cfg["data_seed"] + 1})
+    assert not np.allclose(other["x_train"], problem["x_train"])
+
+
+def test_relu_student_init_matches_spec():
+    e4 = relu_toy.init_student("e4", relu_toy_config("e4"), np.random.RandomState(3))
+    assert set(np.abs(e4[0][0]).ravel()) == {2.5} and e4[1][1] is None  # w_j = ±2.5, no output bias
+    e5 = relu_toy.init_student("e5", relu_toy_config("e5"), np.random.RandomState(0))
+    assert not e5[1][0].any() and e5[0][1] is None and e5[0][0].shape == (20, 2)  # a = 0, no biases
+    e6 = relu_toy.init_student("e6", relu_toy_config("e6"), np.random.RandomState(5))
+    assert [w.shape for w, _ in e6] == [(10, 5), (10, 10), (1, 10)]
+    assert np.abs(e6[0][1]).max() <= 1 / math.sqrt(5) and np.abs(e6[1][1]).max() <= 1 / math.sqrt(10)
+    again = relu_toy.init_student("e6", relu_toy_config("e6"), np.random.RandomState(5))
+    np.testing.assert_array_equal(again[1][0], e6[1][0])
+
+
+def test_relu_preset_overrides_name_the_experiment():
+    def experiment(*argv):
+        return relu_toy.resolve_config(relu_toy.build_parser().parse_args(list(argv)))[1]
+
+    assert experiment("--preset", "e6", "--seeds", "1", "2") == "e6"  # more seeds = still the paper's config
+    assert experiment("--preset", "e6", "--iterations", "100") == "e6_custom"
+    cfg, _, given = relu_toy.resolve_config(relu_toy.build_parser().parse_args(["--preset", "e6", "--lr", "0.02"]))
+    runs = relu_toy.expand_runs(cfg, given, "e6")
+    assert [run["lr"] for run in runs] == [0.02] * 4 and [run["decay"] for run in runs] == [1.0, 3.5, 2.5, 5.0]
+
+
+RELU_TINY = ["--iterations", "200", "--n-evals", "8"]
+
+
+@pytest.mark.parametrize("preset, n_runs, extra", [
+    ("e4", 2, ["--warmup-factor", "1"]),  # without the 200× warmup, 200 steps cannot diverge
+    ("e5", 4, []),
+    ("e6", 4, []),
+])
+def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
+    logs_dir, figures = tmp_path / "runs", tmp_path / "figures"
+    result = run_script("two_layer_relu.py", "--preset", preset, *RELU_TINY, *extra, "--out-dir", str(logs_dir))
+    assert result.returncode == 0, result.stderr
+    assert "Summary" in result.stdout
+    paths = sorted(logs_dir.glob("*.json"))
+    assert len(paths) == n_runs
+    for path in paths:
+        log = assert_valid_log(path, "two_layer_relu")
+        assert log["experiment"] == f"{preset}_custom" and path.name.startswith(f"{preset}_custom_")
+        records = log["history"]
+        assert [r["iter"] for r in records] == relu_toy.eval_iterations(200, 8).tolist()
+        cfg = log["config"]
+        lrs = utils.toy_step_sizes(200, cfg["lr"], cfg["decay_frac"], cfg["decay"], cfg["warmup_factor"],
+                                   cfg["warmup_power"])
+        assert [r["lr"] for r in records] == pytest.approx(lrs[[r["iter"] for r in records]].tolist())
+        if log["status"] != "completed":
+            assert preset == "e5" and log["status"] == "diverged"  # η = 0.455 can diverge in 200 steps
+            continue
+        final = log["final"]
+        layer_keys = (["feature_sparsity_layer1", "feature_sparsity_dedup_layer2"] if preset == "e6"
+                      else ["feature_sparsity", "feature_sparsity_dedup"])
+        for key in ["train_loss", "rank", *layer_keys] + ([] if preset == "e4" else ["test_loss"]):
+            assert final[key] is not None, key
+        assert 0 <= final[layer_keys[1]] <= 1 and 0 < final["rank"] <= cfg["rank_points"]
+        assert log["after_last_step"]["iter"] == 200
+        if preset == "e4":
+            assert len(log["function_grid"]["y"]) == cfg["grid_points"]
+        if preset == "e5":
+            assert np.array(log["neurons"]["student_w_end"]).shape == (20, 2)
+    plotted = run_script("plots.py", "--logs", str(logs_dir), "--out", str(figures))
+    assert plotted.returncode == 0, plotted.stderr
+    expected = {f"{preset}_custom.png"} | ({f"{preset}_custom_neurons.png"} if preset == "e5" else set())
+    assert {p.name for p in figures.glob("*.png")} == expected
+
+
+def test_relu_divergence_is_logged_and_other_runs_go_on(tmp_path):
+    result = run_script("two_layer_relu.py", "--preset", "e5", *RELU_TINY, "--lr", "0.1", "50", "--decay-frac", "1",
+                        "--decay", "1", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "DIVERGED" in result.stdout
+    statuses = {json.load(open(p))["run"]: json.load(open(p))["status"] for p in tmp_path.glob("*.json")}
+    assert statuses == {"η = 0.1, constant": "completed", "η = 50, constant": "diverged"}
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lr", "-1"], "--lr"),
+    (["--iterations", "0"], "--iterations"),
+    (["--n-train", "0"], "--n-train"),
+    (["--preset", "e9"], "--preset"),
+    (["--preset", "e4", "--n-train", "5"], "--n-train"),
+    (["--lr", "0.1", "0.2"], "--lr"),
+    (["--n-test", "10"], "--n-test"),
+    (["--out-dir", "/proc/forbidden"], "--out-dir"),
+])
+def test_relu_bad_input_is_one_line_exit_2(args, flag, tmp_path):
+    out = [] if "--out-dir" in args else ["--out-dir", str(tmp_path)]
+    result = run_script("two_layer_relu.py", *out, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

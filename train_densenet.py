@@ -4,6 +4,8 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+import utils
+
 # ======================================================================================================================
 # Model
 # ======================================================================================================================
@@ -104,3 +106,31 @@ class DenseNetBC(nn.Module):
         x = self.transition2(self.stage2(x))
         x = self.final_norm_act(self.stage3(x))
         return self.fc(self.pool(x))
+
+
+# ======================================================================================================================
+# Command line
+# ======================================================================================================================
+
+
+def build_parser():
+    parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
+    utils.add_deep_net_arguments(parser, script="train_densenet", lr=0.75, warmup_exp=1.05)
+    parser.add_argument("--depth", type=utils.positive_int, default=100,
+                        help="DenseNet-BC depth, 6n + 4 (n bottleneck layers per dense stage); 100 = the paper's")
+    parser.add_argument("--growth-rate", type=utils.positive_int, default=12,
+                        help="k: feature maps each bottleneck layer adds")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.depth < 10 or (args.depth - 4) % 6:
+        utils.usage_error("--depth", f"must be 6n + 4 with n >= 1 (10, 16, 22, ..., 100), got {args.depth}")
+    return utils.run_deep_net(args, lambda num_classes: DenseNetBC(num_classes, args.depth, args.growth_rate),
+                              script="train_densenet", model_name=f"densenet{args.depth}-{args.growth_rate}",
+                              run_parts={"depth": args.depth, "k": args.growth_rate})
+
+
+if __name__ == "__main__":
+    main()

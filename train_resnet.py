@@ -2,6 +2,8 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
+
 # ======================================================================================================================
 # Model
 # ======================================================================================================================
@@ -80,3 +82,26 @@ class ResNet18(nn.Module):
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.pool(x))
+
+
+# ======================================================================================================================
+# Command line
+# ======================================================================================================================
+
+
+def build_parser():
+    parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
+    utils.add_deep_net_arguments(parser, script="train_resnet", lr=0.75, warmup_exp=1.05)
+    parser.add_argument("--width", type=utils.positive_int, default=64,
+                        help="w: channels of the first stage (stages have w, 2w, 4w, 8w); 64 = standard ResNet-18")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return utils.run_deep_net(args, lambda num_classes: ResNet18(num_classes, args.width), script="train_resnet",
+                              model_name="resnet18", run_parts={"width": args.width})
+
+
+if __name__ == "__main__":
+    main()

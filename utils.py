@@ -30,6 +30,15 @@ import torch
 # ======================================================================================================================
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default, except where the help text already explains it or there is none (None/False)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: `prog: error: argument --lr: ... (see --help)`, exit code 2.
 
@@ -38,7 +47,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)  # `--lr` must never silently match `--lr-schedule`
         super().__init__(*args, **kwargs)
 
@@ -567,7 +576,7 @@ def add_deep_net_arguments(parser, script, lr, warmup_exp):
     optim.add_argument("--lr-schedule", default="piecewise", choices=["constant", "piecewise"],
                        help="constant η0, or a large-step phase for T·E epochs then ÷10, and ÷100 from 0.9·E")
     optim.add_argument("--warmup-exp", type=positive_float, default=warmup_exp,
-                       help="w: exponential warmup η0·w^u if w > 1 (u = % of training done), power warmup "
+                       help="w: exponential warmup η0·w^u if w > 1 (u = %% of training done), power warmup "
                             "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
     optim.add_argument("--large-lr-frac", type=positive_float, default=0.5,
                        help="T: fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
@@ -669,6 +678,9 @@ class DeepNetRun:
         self.log_path = os.path.join(args.out_dir, name + ".json")
         self.checkpoint_path = os.path.join(args.out_dir, name + ".pt")
         self.step, self.cached_epoch, self.permutation = 0, None, None
+        # sum of the mini-batch losses since the last evaluation, kept on the device (no host sync per step)
+        self.window_loss, self.window_steps = torch.zeros((), device=device), 0
+        self.elapsed_before, self.clock = 0.0, None  # wall time of the earlier parts of a resumed run
         self.stop_requested = False
         config = {k: v for k, v in vars(args).items() if k != "resume"}
         config.update(n_train=n_train, n_test=data.test_images.shape[0], num_classes=data.num_classes,
@@ -697,6 +709,8 @@ class DeepNetRun:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        self.window_loss = torch.tensor(state["window_loss"], device=self.device)
+        self.window_steps, self.elapsed_before = state["window_steps"], state["elapsed"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
@@ -708,7 +722,8 @@ class DeepNetRun:
     def save_checkpoint(self):
         """Model, optimizer, step and RNG states, written to a temp file then renamed (never a broken checkpoint)."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "args": vars(self.args), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                 "window_loss": self.window_loss.item(), "window_steps": self.window_steps,
+                 "elapsed": self.clock.elapsed(), "args": vars(self.args), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                  "numpy_rng": np.random.get_state()}
         tmp = self.checkpoint_path + ".tmp"
         torch.save(state, tmp)
@@ -803,27 +818,26 @@ class DeepNetRun:
         print(f"{self.log.data['run']} | {self.data.name}: {self.data.train_images.shape[0]} train / "
               f"{self.data.test_images.shape[0]} test images | {self.log.data['env']['n_params']:,} parameters | "
               f"{self.total_steps} iterations ({self.steps_per_epoch}/epoch) on {self.device}\nlog: {self.log_path}")
-        clock = _RunClock()
+        clock = self.clock = _RunClock(self.elapsed_before)
         if not self.log.data["history"]:
-            self._evaluate_and_log(clock, loss_sum=None, steps=0)
-        loss_sum, window_steps = torch.zeros((), device=self.device), 0
+            self._evaluate_and_log()
+        projection_step = start_step + min(10, stop_step - start_step)  # early, once the first steps are timed
         while self.step < stop_step:
             loss, n_images = self.train_step(self.step)
-            loss_sum += loss
+            self.window_loss += loss
+            self.window_steps += 1
             self.step += 1
-            window_steps += 1
             clock.add_images(n_images)
-            if self.step % _DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum).item():
-                return self._diverged(loss_sum / window_steps)
-            if self.step == start_step + 10:
+            if self.step % _DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(self.window_loss).item():
+                return self._diverged(self.window_loss / self.window_steps)
+            if self.step == projection_step:
                 clock.project(self.step, stop_step, args.eval_every)
             if self.step % args.eval_every == 0 or self.step == self.total_steps:
-                if not torch.isfinite(loss_sum).item():
-                    return self._diverged(loss_sum / window_steps)
-                train_loss = self._evaluate_and_log(clock, loss_sum, window_steps)
+                if not torch.isfinite(self.window_loss).item():
+                    return self._diverged(self.window_loss / self.window_steps)
+                train_loss = self._evaluate_and_log()
                 if not math.isfinite(train_loss):
                     return self._diverged(train_loss)
-                loss_sum, window_steps = torch.zeros((), device=self.device), 0
             if self.stop_requested:
                 self.save_checkpoint()
                 print(f"interrupted at iteration {self.step}; checkpoint saved, continue with --resume")
@@ -834,15 +848,17 @@ class DeepNetRun:
             return "interrupted"
         return "completed"
 
-    def _evaluate_and_log(self, clock, loss_sum, steps):
+    def _evaluate_and_log(self):
         """Evaluate, append a log record, checkpoint, print one progress line; returns the (eval-mode) train loss."""
+        clock = self.clock
         clock.pause()
         metrics = self.evaluate()
         epoch = self.step / self.steps_per_epoch
         lr = deep_step_size(epoch, self.args.epochs, self.args.lr, self.args.lr_schedule, self.args.warmup_exp,
                             self.args.large_lr_frac)
-        if steps:
-            metrics["train_loss_batches"] = loss_sum.item() / steps  # mean mini-batch loss since the last eval
+        if self.window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
+            metrics["train_loss_batches"] = self.window_loss.item() / self.window_steps
+        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         self.log.record(iter=self.step, epoch=epoch, lr=lr, **metrics, wall_time=clock.elapsed(),
                         images_per_sec=clock.throughput())
         if self.step > 0:
@@ -871,10 +887,12 @@ class DeepNetRun:
 class _RunClock:
     """Wall-time bookkeeping of a run: training time and images (for throughput), evaluation time (for the ETA)."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
+    def __init__(self, elapsed_before=0.0):
+        """elapsed_before: wall time of the earlier parts of a resumed run (throughput counts this part only)."""
+        now = time.perf_counter()
+        self.start = now - elapsed_before
         self.train_seconds, self.eval_seconds, self.images, self.evals = 0.0, 0.0, 0, 0
-        self.window_start, self.eval_start = self.start, None
+        self.window_start, self.eval_start = now, None
 
     def pause(self):
         now = time.perf_counter()
@@ -942,7 +960,10 @@ def run_deep_net(args, build_model, script, model_name, run_parts):
         print(f"this run is already complete: {run.log_path}")
         run.log.finish("completed")
         return "completed"
-    return run.run()
+    status = run.run()
+    if run.stop_requested:
+        raise SystemExit(130)  # the shell convention for Ctrl-C, so that a sweep loop stops too
+    return status
 
 
 # ======================================================================================================================
