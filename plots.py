@@ -117,6 +117,121 @@ DRAWERS["train_resnet"] = draw_deep_net
 DRAWERS["train_densenet"] = draw_deep_net
 
 
+# ----------------------------------------------------------------------- ReLU toys, two_layer_relu.py (E4–E6) -----
+
+# Panels per preset (SPEC E4–E6): (metric key or special panel, title, log-scale y). Sparsity keys name the raw density;
+# the de-duplicated one is the same key with "_dedup" inserted (feature_sparsity_dedup, feature_sparsity_dedup_layer1).
+RELU_TOY_PANELS = {
+    "e4": [("train_loss", "train loss", True), ("function", "learned function (after the last step)", False),
+           ("rank", "rank of the Jacobian", False), ("feature_sparsity", "feature density (%)", False)],
+    "e5": [("train_loss", "train loss", True), ("test_loss", "test loss", True), ("rank", "rank of the Jacobian", False),
+           ("feature_sparsity", "feature density (%)", False)],
+    "e6": [("train_loss", "train loss", True), ("test_loss", "test loss", True), ("rank", "rank of the Jacobian", False),
+           ("feature_sparsity_layer1", "feature density, layer 1 (%)", False),
+           ("feature_sparsity_layer2", "feature density, layer 2 (%)", False)],
+}
+
+
+def _relu_decay_line(ax, runs, color):
+    """Dashed vertical line at the run's last large-step iteration ⌊T·N⌋ (none for constant runs)."""
+    decay_iter = runs[0]["config"].get("decay_iter")
+    if decay_iter is not None:
+        ax.axvline(decay_iter, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+
+
+def _relu_learned_function(ax, runs, label, color):
+    """E4: the learned function on the stored grid (median over seeds, min–max band) with the 12 data points."""
+    grids = [log["function_grid"] for log in runs if log.get("function_grid")]
+    if not grids:
+        return
+    x, values = np.array(grids[0]["x"]), np.array([grid["y"] for grid in grids], dtype=float)
+    ax.plot(x, np.median(values, axis=0), color=color, label=label)
+    if len(grids) > 1:
+        ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, linewidth=0)
+    ax.scatter(grids[0]["data_x"], grids[0]["data_y"], color="black", s=14, zorder=3)
+
+
+def draw_relu_toy(experiment, logs, out_dir):
+    """E4/E5/E6 (SPEC §3): losses (log scale), Jacobian rank and feature density (de-duplicated solid, raw dotted)
+    against iterations, one colour per run, dashed lines at the decay points; plus the E5 neuron-movement figure."""
+    preset = logs[0]["config"]["preset"]
+    panels = RELU_TOY_PANELS[preset]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.4), squeeze=False)
+    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+        color = f"C{color_index % 10}"
+        for ax, (key, title, log_scale) in zip(axes.flat, panels):
+            ax.set_title(title, fontsize=10)
+            if key == "function":
+                _relu_learned_function(ax, runs, label, color)
+                ax.set_xlabel("x")
+                continue
+            if key.startswith("feature_sparsity"):
+                dedup_key = key.replace("feature_sparsity", "feature_sparsity_dedup")
+                plot_metric(ax, runs, dedup_key, label, color=color, scale=100)
+                plot_metric(ax, runs, key, None, color=color, scale=100, linestyle=":", alpha=0.7)
+            else:
+                plot_metric(ax, runs, key, label, color=color)
+            _relu_decay_line(ax, runs, color)
+            ax.set_xlabel("iteration")
+            if log_scale:
+                ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{experiment}: density solid = de-duplicated, dotted = raw; dashed lines = decay points",
+                 fontsize=10)
+    fig.tight_layout()
+    written = [save_figure(fig, out_dir, experiment)]
+    if preset == "e5":
+        written.append(draw_neuron_movement(experiment, logs, out_dir))
+    return written
+
+
+def _neuron_panel(ax, neurons):
+    """Teacher directions as arrows from the origin (green a* > 0, red a* < 0); student first-layer neurons at init
+    (grey) moving to their end position (colour = sign of the output weight, size ∝ |a_j|)."""
+    ax.add_patch(plt.Circle((0, 0), 1, fill=False, linestyle=":", color="0.5"))  # the inputs lie on this circle
+    for w, a in zip(np.array(neurons["teacher_w"]), neurons["teacher_a"]):
+        ax.annotate("", xy=w, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color="C2" if a > 0 else "C3", lw=2))
+    start, end = np.array(neurons["student_w_init"]), np.array(neurons["student_w_end"])
+    out = np.array(neurons["student_a_end"])
+    ax.quiver(start[:, 0], start[:, 1], *(end - start).T, angles="xy", scale_units="xy", scale=1, color="0.6",
+              width=0.004)
+    ax.scatter(*start.T, s=10, color="0.6")
+    sizes = 8 + 80 * np.abs(out) / max(np.abs(out).max(), 1e-12)
+    ax.scatter(*end.T, s=sizes, c=np.where(out > 0, "C2", "C3"), edgecolors="black", linewidths=0.5, zorder=3)
+    reach = max(1.1, np.abs(np.concatenate([start, end])).max() * 1.1)
+    ax.set_xlim(-reach, reach)
+    ax.set_ylim(-reach, reach)
+    ax.set_aspect("equal")
+
+
+def draw_neuron_movement(experiment, logs, out_dir):
+    """E5 neuron movement (SPEC E5): one panel per run, from the log of its lowest seed."""
+    groups = runs_by_label(logs)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.9), squeeze=False)
+    for ax, (label, runs) in zip(axes.flat, groups.items()):
+        log = min(runs, key=lambda item: item.get("seed", 0))
+        ax.set_title(f"{label}\nseed {log.get('seed')}", fontsize=9)
+        if log.get("neurons"):
+            _neuron_panel(ax, log["neurons"])
+        else:
+            ax.text(0.5, 0.5, f"no neuron data\n(run {log['status']})", transform=ax.transAxes, ha="center")
+            ax.set_axis_off()
+    handles = [plt.Line2D([], [], color="C2", lw=2, label="teacher, a* > 0"),
+               plt.Line2D([], [], color="C3", lw=2, label="teacher, a* < 0"),
+               plt.Line2D([], [], marker="o", color="0.6", linestyle="none", label="student at init"),
+               plt.Line2D([], [], marker="o", color="C2", markeredgecolor="black", linestyle="none",
+                          label="student at end, a > 0 (size ∝ |a|)"),
+               plt.Line2D([], [], marker="o", color="C3", markeredgecolor="black", linestyle="none",
+                          label="student at end, a < 0")]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"{experiment}: first-layer neurons w_j (init → end) and teacher directions", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, out_dir, f"{experiment}_neurons")
+
+
+DRAWERS["two_layer_relu"] = draw_relu_toy
+
+
 # ======================================================================================================================
 # Entry point
 # ======================================================================================================================

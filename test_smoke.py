@@ -1149,14 +1149,17 @@ def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
         log = assert_valid_log(path, "two_layer_relu")
         assert log["experiment"] == f"{preset}_custom" and path.name.startswith(f"{preset}_custom_")
         records = log["history"]
-        assert [r["iter"] for r in records] == relu_toy.eval_iterations(200, 8).tolist()
+        evals = relu_toy.eval_iterations(200, 8).tolist()
+        assert [r["iter"] for r in records] == evals[:len(records)]  # a diverged run stops at its first NaN
         cfg = log["config"]
         lrs = utils.toy_step_sizes(200, cfg["lr"], cfg["decay_frac"], cfg["decay"], cfg["warmup_factor"],
                                    cfg["warmup_power"])
         assert [r["lr"] for r in records] == pytest.approx(lrs[[r["iter"] for r in records]].tolist())
         if log["status"] != "completed":
             assert preset == "e5" and log["status"] == "diverged"  # η = 0.455 can diverge in 200 steps
+            assert records[-1]["train_loss"] is None  # the NaN is logged (as null), then the run stops
             continue
+        assert len(records) == len(evals)
         final = log["final"]
         layer_keys = (["feature_sparsity_layer1", "feature_sparsity_dedup_layer2"] if preset == "e6"
                       else ["feature_sparsity", "feature_sparsity_dedup"])
@@ -1193,9 +1196,18 @@ def test_relu_divergence_is_logged_and_other_runs_go_on(tmp_path):
     (["--n-test", "10"], "--n-test"),
     (["--out-dir", "/proc/forbidden"], "--out-dir"),
 ])
-def test_relu_bad_input_is_one_line_exit_2(args, flag, tmp_path):
+def test_relu_bad_input_is_one_line_exit_2(args, flag, tmp_path, capsys):
+    # in-process (the parser is the same code path as the CLI; saves a torch start-up per case)
     out = [] if "--out-dir" in args else ["--out-dir", str(tmp_path)]
-    result = run_script("two_layer_relu.py", *out, *args)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        relu_toy.main([*out, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and flag in err, err
+    assert not list(tmp_path.glob("*.json"))  # rejected before any run started
+
+
+def test_relu_bad_input_from_the_command_line(tmp_path):
+    result = run_script("two_layer_relu.py", "--preset", "e5", "--decay", "-3", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--decay" in result.stderr
     assert "Traceback" not in result.stderr
