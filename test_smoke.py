@@ -669,7 +669,7 @@ def test_tinyimagenet_loader_classes_labels_pixels(fake_tinyimagenet_dir, tmp_pa
 def test_tinyimagenet_decode_cache_written_reused_and_invalidated(fake_tinyimagenet_dir, tmp_path, monkeypatch,
                                                                   capsys):
     root = shutil.copytree(fake_tinyimagenet_dir, tmp_path / "data")
-    cache = root / "tiny-imagenet-200" / "decoded_uint8.npz"
+    cache = root / "tiny-imagenet-200" / "decoded_uint8.pt"
     if cache.exists():
         cache.unlink()  # another test may have loaded the shared fixture (and written its cache) first
     decoded = []
@@ -677,7 +677,7 @@ def test_tinyimagenet_decode_cache_written_reused_and_invalidated(fake_tinyimage
     monkeypatch.setattr(utils, "_decode_jpegs", lambda folder, files: decoded.append(len(files)) or
                         real_decode(folder, files))
     first = utils.load_image_dataset("tinyimagenet", str(root))
-    assert decoded == [12, 6] and cache.exists()
+    assert decoded == [12, 6] and cache.exists() and cache.stat().st_mode & 0o777 == 0o644
     assert not [p for p in os.listdir(cache.parent) if p.endswith(".tmp")]  # atomic write left no temp file
     second = utils.load_image_dataset("tinyimagenet", str(root))
     assert decoded == [12, 6]  # read from the cache: nothing decoded
@@ -688,7 +688,7 @@ def test_tinyimagenet_decode_cache_written_reused_and_invalidated(fake_tinyimage
                 root / "tiny-imagenet-200" / "train" / FAKE_TINY_WNIDS[0] / "images" / "extra.JPEG")
     third = utils.load_image_dataset("tinyimagenet", str(root))
     assert decoded == [12, 6, 13, 6] and len(third.train_labels) == 13
-    cache.write_bytes(b"not an npz file")  # a damaged cache is decoded again, not a crash
+    cache.write_bytes(b"not a torch file")  # a damaged cache is decoded again, not a crash
     assert len(utils.load_image_dataset("tinyimagenet", str(root)).train_labels) == 13
     assert decoded[-2:] == [13, 6]
     assert "decoding" in capsys.readouterr().out
@@ -696,7 +696,7 @@ def test_tinyimagenet_decode_cache_written_reused_and_invalidated(fake_tinyimage
 
 def test_tinyimagenet_damaged_jpeg_is_a_one_line_error(fake_tinyimagenet_dir, tmp_path, capsys):
     root = shutil.copytree(fake_tinyimagenet_dir, tmp_path / "data")
-    (root / "tiny-imagenet-200" / "decoded_uint8.npz").unlink(missing_ok=True)
+    (root / "tiny-imagenet-200" / "decoded_uint8.pt").unlink(missing_ok=True)
     (root / "tiny-imagenet-200" / "val" / "images" / "val_3.JPEG").write_bytes(b"\xff\xd8 not really a JPEG")
     with pytest.raises(SystemExit) as exit_info:
         utils.load_image_dataset("tinyimagenet", str(root))

@@ -1003,7 +1003,7 @@ _IMAGE_SOURCES = {
 _PERMUTATION_STREAM, _AUGMENT_STREAM, _SYNTHETIC_STREAM = 1, 2, 3
 _SYNTHETIC_SEED = 20230  # fixed: the synthetic set is the same whatever --seed a run uses
 
-_TINY_IMAGENET_CACHE = "decoded_uint8.npz"  # decoded pixels, written beside the JPEGs after the first read
+_TINY_IMAGENET_CACHE = "decoded_uint8.pt"  # decoded pixels, written beside the JPEGs after the first read
 _DECODE_TASK = 256  # image files per thread-pool task
 
 
@@ -1026,7 +1026,7 @@ def load_image_dataset(name, data_dir, download=False, n_train=None, device="cpu
 
     - cifar10 / cifar100: the python pickles in <data_dir>/cifar-10-batches-py/ or <data_dir>/cifar-100-python/.
     - tinyimagenet: <data_dir>/tiny-imagenet-200/ (200 classes in wnids.txt order, 64×64; test set = the 10 000 val
-      images). The JPEGs are decoded once and cached in tiny-imagenet-200/decoded_uint8.npz.
+      images). The JPEGs are decoded once and cached in tiny-imagenet-200/decoded_uint8.pt.
     - synthetic: a generated set (no files; data_dir is ignored), see synthetic_image_dataset.
     download=True fetches a missing data set from its official archive (MD5-checked) into data_dir. Missing data
     stops with a one-line error naming --data-dir (exit 2); a failed download with a one-line error (exit 1).
@@ -1223,12 +1223,16 @@ def _decode_jpegs(folder, files, size=64):
 
 
 def _read_decode_cache(path, signature):
-    """{"train": uint8 tensor, "test": uint8 tensor} from the cache, or None if it is absent, stale or unreadable."""
+    """{"train": uint8 tensor, "test": uint8 tensor} from the cache, or None if it is absent, stale or unreadable.
+
+    A torch file (weights_only: tensors and strings, no code): the full 1.35 GB Tiny ImageNet cache reads in ~1 s,
+    against ~6 s for the same arrays in an .npz (whose zip reader checks CRCs in Python-sized chunks).
+    """
     try:
-        with np.load(path, allow_pickle=False) as cache:
-            if str(cache["signature"]) != signature:
-                return None
-            return {"train": torch.from_numpy(cache["train"]), "test": torch.from_numpy(cache["test"])}
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache["signature"] != signature:
+            return None
+        return {"train": cache["train"], "test": cache["test"]}
     except Exception:  # missing or damaged cache: decode again and rewrite it
         return None
 
@@ -1240,7 +1244,8 @@ def _write_decode_cache(path, signature, images):
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, signature=np.array(signature), train=images["train"].numpy(), test=images["test"].numpy())
+            torch.save({"signature": signature, **images}, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; others sharing the data folder may read the cache too
         os.replace(tmp, path)
     except OSError as err:
         print(f"note: could not write the decode cache {path} ({err.strerror or err}); decoding again next time")
