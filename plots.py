@@ -232,6 +232,92 @@ def draw_neuron_movement(experiment, logs, out_dir):
 DRAWERS["two_layer_relu"] = draw_relu_toy
 
 
+# --------------------------------------------------------------------- diagonal linear nets, diag_net.py (E1–E3) -----
+
+DIAG_NET_PANELS = [("train_loss", "train loss", True), ("test_loss", "test loss", True),
+                   ("rank", r"rank of $\varphi(X)$", False), ("l0", r"$\|\beta\|_0$", False)]
+DIAG_NET_LOSS_CLIP = 100.0  # SPEC E3: the loss-surface contours are clipped at 100
+
+
+def _diag_net_curves(experiment, logs, out_dir, name):
+    """E1/E2 panels (SPEC E1): train and test loss (log scale), rank of φ(X), ‖β‖₀ against iterations; one colour
+    per run, median and min–max band over its non-diverged seeds, dashed lines at the decay iterations ⌊T·N⌋."""
+    fig, axes = plt.subplots(1, len(DIAG_NET_PANELS), figsize=(3.9 * len(DIAG_NET_PANELS), 3.4))
+    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+        color = f"C{color_index % 10}"
+        kept = [log for log in runs if log["status"] != "diverged"]
+        if len(kept) < len(runs):
+            # diverged seeds would pull the band up to their blow-up; they are counted in the label instead and only
+            # drawn (dotted, up to their divergence) when no seed of the run survived
+            label = f"{label} [{len(runs) - len(kept)}/{len(runs)} diverged]"
+        style = {} if kept else {"linestyle": ":"}
+        decay_iter = runs[0]["config"].get("decay_iter")
+        for ax, (key, title, log_scale) in zip(axes, DIAG_NET_PANELS):
+            plot_metric(ax, kept or runs, key, label, color=color, **style)
+            if decay_iter is not None:
+                ax.axvline(decay_iter, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("iteration")
+            if log_scale:
+                ax.set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+    config = logs[0]["config"]
+    fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n']}, d = {config['d']}, r = {config['r']}; "
+                 "dashed lines = decay points", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 3), 1, 1))  # room for the legend rows below the panels
+    return save_figure(fig, out_dir, name)
+
+
+def _diag_net_surface_panel(ax, surface, logs, key, title):
+    """One E3 panel: filled log-scale contours of the stored loss grid (clipped at 100), projected trajectories of
+    every run and seed, markers at w_init, w_flow, w*."""
+    coords = np.array(surface["coords"], dtype=float)
+    loss = np.minimum(np.array(surface[key], dtype=float), DIAG_NET_LOSS_CLIP)
+    floor = loss[loss > 0].min()
+    levels = np.logspace(np.log10(floor), np.log10(DIAG_NET_LOSS_CLIP), 25)
+    filled = ax.contourf(coords, coords, np.maximum(loss, floor), levels=levels, cmap="viridis",
+                         norm=matplotlib.colors.LogNorm(floor, DIAG_NET_LOSS_CLIP))
+    colorbar = plt.colorbar(filled, ax=ax, shrink=0.9)
+    colorbar.set_ticks(10.0 ** np.arange(np.ceil(np.log10(floor)), np.log10(DIAG_NET_LOSS_CLIP) + 1))
+    colorbar.set_ticklabels([f"1e{k:.0f}" for k in np.log10(colorbar.get_ticks())])
+    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+        for seed_index, log in enumerate(runs):
+            path = log.get("trajectory_2d")
+            if path:
+                ax.plot(path["a"], path["b"], color=f"C{(color_index + 1) % 10}", linewidth=0.7, alpha=0.85,
+                        label=label if seed_index == 0 else None)
+    markers = [("w_init", "o", "white", r"$w_{init}$"), ("w_flow", "s", "C1", r"$w_{flow}$"),
+               ("w_star", "*", "red", r"$w^*$")]
+    for name, marker, color, text in markers:
+        ax.plot(*surface[name], marker=marker, color=color, markeredgecolor="black", markersize=10, linestyle="none",
+                label=text, zorder=4)
+    ax.set_xlim(coords[0], coords[-1])
+    ax.set_ylim(coords[0], coords[-1])
+    ax.set_xlabel(r"$e_1$ (towards $w^*$)")
+    ax.set_ylabel(r"$e_2$ (towards $w_{flow}$)")
+    ax.set_title(title, fontsize=10)
+
+
+def draw_diag_net(experiment, logs, out_dir):
+    """diag_net.py figures: E1/E2 (and custom runs) -> <experiment>.png with the four panels of SPEC E1;
+    E3 -> e3.png, the loss surface on the plane through w_init, w*, w_flow (SPEC E3), plus e3_metrics.png."""
+    surface = next((log["surface"] for log in logs if log.get("surface")), None)
+    if surface is None:
+        return [_diag_net_curves(experiment, logs, out_dir, experiment)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    _diag_net_surface_panel(axes[0], surface, logs, "train_loss", "train loss (log scale, clipped at 100)")
+    _diag_net_surface_panel(axes[1], surface, logs, "test_loss", "test loss (log scale, clipped at 100)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{experiment}: loss surface of the diagonal linear net on the plane through "
+                 r"$w_{init}$, $w^*$, $w_{flow}$, with the projected trajectories", fontsize=10)
+    fig.tight_layout()
+    return [save_figure(fig, out_dir, experiment), _diag_net_curves(experiment, logs, out_dir, f"{experiment}_metrics")]
+
+
+DRAWERS["diag_net"] = draw_diag_net
+
+
 # ======================================================================================================================
 # Entry point
 # ======================================================================================================================

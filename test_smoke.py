@@ -1211,3 +1211,216 @@ def test_relu_bad_input_from_the_command_line(tmp_path):
     result = run_script("two_layer_relu.py", "--preset", "e5", "--decay", "-3", "--out-dir", str(tmp_path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--decay" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ======================================================================================================================
+# diag_net.py: diagonal linear networks E1 (SGD), E2 (GD vs SGD), E3 (loss-surface picture)
+# ======================================================================================================================
+
+import warnings  # noqa: E402  (imports kept in this section so that it can be moved or removed as one block)
+
+import diag_net  # noqa: E402
+
+
+def _diag_net_histories(data, lrs, algorithm, seeds, evals, rank_of):
+    """Run diag_net.train and collect, per batch row, the list of (iter, metrics...) records it reports."""
+    records = {row: [] for row in range(len(seeds))}
+
+    def on_eval(t, rows, metrics):
+        for i, row in enumerate(rows):
+            records[row].append([t] + [metrics[key][i] for key in diag_net.METRIC_KEYS])
+
+    result = diag_net.train(data, lrs, algorithm, seeds, evals, 0.1, rank_of, on_eval)
+    return {row: np.array(recs, dtype=float) for row, recs in records.items()}, result
+
+
+def test_diag_net_e1_constant_run_reproduces_the_authors_numbers(tmp_path):
+    # SPEC E1 *ref*, η = 0.25 constant, seed 1, full size (100 001 steps): at the last evaluation point 99 599 the
+    # authors printed train 1.4216e-06, test 3.5286e-03, ‖β‖₀ 200; after all steps train 3.5597e-06, test 3.5672e-03.
+    diag_net.main(["--out-dir", str(tmp_path), "--log-interval", "60"])
+    log = assert_valid_log(tmp_path / "custom_sgd_lr0.25_seed1.json", "diag_net")
+    assert log["status"] == "completed" and log["experiment"] == "custom" and log["seed"] == 1
+    final, after = log["final"], log["after_training"]
+    assert final["iter"] == 99599 and after["iter"] == 100001
+    assert final["train_loss"] == pytest.approx(1.4216e-06, rel=0.01)
+    assert final["test_loss"] == pytest.approx(3.5286e-03, rel=0.01)
+    assert final["l0"] == 200
+    assert after["train_loss"] == pytest.approx(3.5597e-06, rel=0.01)
+    assert after["test_loss"] == pytest.approx(3.5672e-03, rel=0.01)
+    assert len(log["history"]) == 348 and [rec["iter"] for rec in log["history"][:100]] == list(range(100))
+    assert log["seed_summary"]["fraction_diverged"] == 0
+    assert log["seed_summary"]["median_final"]["test_loss"] == final["test_loss"]
+
+
+def test_diag_net_data_generator_follows_spec_e1():
+    data = diag_net.make_data(n=80, d=200, r=20, n_test=1000, data_seed=0)
+    assert data["X"].shape == (80, 200) and data["X_test"].shape == (1000, 200) and data["theta"].shape == (200,)
+    theta = data["theta"]
+    assert np.linalg.norm(theta) == pytest.approx(1.0, abs=1e-12)
+    assert (theta[:20] > 0).all() and (theta[20:] == 0).all()
+    np.testing.assert_allclose(data["y"], data["X"] @ theta)
+    np.testing.assert_allclose(data["y_test"], data["X_test"] @ theta)
+    # legacy global numpy seeded with 0: X is the first draw, X_test the second, then randn for θ*
+    np.random.seed(0)
+    x_first = np.random.multivariate_normal(np.zeros(200), np.eye(200), 80)
+    x_second = np.random.multivariate_normal(np.zeros(200), np.eye(200), 1000)
+    raw_theta = np.random.randn(200)[:20]
+    np.testing.assert_array_equal(data["X"], x_first)
+    np.testing.assert_array_equal(data["X_test"], x_second)
+    np.testing.assert_allclose(theta[:20], np.abs(raw_theta) / np.linalg.norm(raw_theta))
+
+
+def test_diag_net_sgd_indices_equal_reseeding_legacy_numpy_per_step():
+    np.random.seed(3)
+    per_step = [np.random.randint(80) for _ in range(500)]
+    np.testing.assert_array_equal(diag_net.sgd_indices([1, 3], 80, 500)[1], per_step)
+
+
+def test_diag_net_evaluation_points():
+    evals = diag_net.eval_iterations(100001, 250)
+    # 100 dense points + 249 spread points, iteration 0 counted once
+    assert list(evals[:100]) == list(range(100)) and evals[-1] == 99599 and len(evals) == 348
+    assert list(diag_net.eval_iterations(5, 250)) == [0, 1, 2, 3, 4]
+
+
+def test_diag_net_sgd_step_by_hand():
+    x, y = np.array([[1.0, 2.0]]), np.array([1.0])
+    u, v = np.array([[0.5, 1.0]]), np.array([[1.0, -1.0]])
+    # e = 1·0.5 + 2·(−1) − 1 = −2.5;  u −= 0.1·e·x⊙v,  v −= 0.1·e·x⊙u (both from the old values)
+    u1, v1, residuals = diag_net.sgd_steps(u, v, x[None], y[None], np.array([0.1]))
+    assert residuals[0, 0] == pytest.approx(-2.5)
+    np.testing.assert_allclose(u1, [[0.5 + 0.25 * 1.0, 1.0 + 0.25 * 2.0 * -1.0]])
+    np.testing.assert_allclose(v1, [[1.0 + 0.25 * 0.5, -1.0 + 0.25 * 2.0 * 1.0]])
+
+
+def test_diag_net_gd_step_is_the_gradient_of_the_half_mse():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((7, 4)), rng.standard_normal(7)
+    u, v = rng.standard_normal((1, 4)), rng.standard_normal((1, 4))
+
+    def loss(uu, vv):
+        return np.sum((x @ (uu * vv) - y) ** 2) / (2 * len(y))
+
+    lr, h = 1e-3, 1e-6
+    u1, v1, _ = diag_net.gd_steps(u, v, x, y, np.array([lr]))
+    for state, stepped, which in ((u, u1, 0), (v, v1, 1)):
+        numeric = []
+        for i in range(4):
+            bump = np.zeros(4)
+            bump[i] = h
+            args_plus = (u[0] + bump, v[0]) if which == 0 else (u[0], v[0] + bump)
+            args_minus = (u[0] - bump, v[0]) if which == 0 else (u[0], v[0] - bump)
+            numeric.append((loss(*args_plus) - loss(*args_minus)) / (2 * h))
+        np.testing.assert_allclose((state - stepped)[0] / lr, numeric, rtol=1e-6)
+
+
+def test_diag_net_vectorised_seeds_equal_single_seed_runs():
+    data = diag_net.make_data(n=20, d=30, r=3, n_test=100, data_seed=0)
+    rank_of = diag_net.JacobianRank(data["X_test"][:60])
+    lrs, evals = utils.toy_step_sizes(1500, 0.5, 0.5, 3.0), diag_net.eval_iterations(1500, 20)
+    batched, batched_result = _diag_net_histories(data, lrs, "sgd", [1, 2, 5], evals, rank_of)
+    for row, seed in enumerate([1, 2, 5]):
+        single, single_result = _diag_net_histories(data, lrs, "sgd", [seed], evals, rank_of)
+        # identical dynamics (bit for bit); losses may differ in the last bit (BLAS matrix vs vector product)
+        np.testing.assert_array_equal(batched_result["u"][row], single_result["u"][0])
+        np.testing.assert_array_equal(batched_result["v"][row], single_result["v"][0])
+        np.testing.assert_allclose(batched[row], single[0], rtol=1e-12, atol=0)
+    assert not np.array_equal(batched[0], batched[1])  # the seeds do differ
+
+
+def test_diag_net_one_diverging_seed_is_logged_and_the_others_go_on(tmp_path):
+    # E2 data at the paper's SGD step size: seed 6 blows up at iteration 131, seed 10 survives (measured)
+    args = ["--n", "40", "--d", "100", "--lr", "0.272", "--decay-frac", "0.5", "--decay-factor", "20",
+            "--iterations", "1500", "--eval-points", "30", "--log-interval", "0", "--out-dir", str(tmp_path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow/invalid-value warnings from the diverging row
+        diag_net.main(args + ["--seeds", "6", "10"])
+    diverged = assert_valid_log(tmp_path / "custom_sgd_lr0.272_div20_at0.5_seed6.json", "diag_net")
+    alive = assert_valid_log(tmp_path / "custom_sgd_lr0.272_div20_at0.5_seed10.json", "diag_net")
+    assert diverged["status"] == "diverged" and diverged["diverged_at"] == 131
+    assert diverged["final"]["iter"] < 131 and all(math.isfinite(r["train_loss"]) for r in diverged["history"])
+    assert alive["status"] == "completed" and alive["final"]["iter"] == 1448  # round(1500·28/29)
+    summary = alive["seed_summary"]
+    assert summary == diverged["seed_summary"] and summary["fraction_diverged"] == 0.5
+    assert summary["diverged_seeds"] == [6] and summary["median_final"]["l0"] == alive["final"]["l0"]
+    diag_net.main(args + ["--seeds", "10", "--out-dir", str(tmp_path / "single")])
+    single = assert_valid_log(tmp_path / "single" / "custom_sgd_lr0.272_div20_at0.5_seed10.json", "diag_net")
+    assert [r["iter"] for r in single["history"]] == [r["iter"] for r in alive["history"]]
+    assert [r["l0"] for r in single["history"]] == [r["l0"] for r in alive["history"]]
+    np.testing.assert_allclose([r["test_loss"] for r in single["history"]],
+                               [r["test_loss"] for r in alive["history"]], rtol=1e-12)
+
+
+def _graded_states(rng, count, d, log10_low):
+    """(u, v) whose magnitudes w_j spread over [10^log10_low, 1] as in a sparsifying run."""
+    w = 10.0 ** rng.uniform(log10_low, 0, (count, d))
+    angle = rng.uniform(0, 2 * np.pi, (count, d))
+    return w * np.cos(angle), w * np.sin(angle)
+
+
+def test_diag_net_rank_equals_svd_rank_of_the_full_jacobian():
+    rng = np.random.default_rng(0)
+    d = 40
+    x_rank = rng.standard_normal((2 * d, d))
+    rank_of = diag_net.JacobianRank(x_rank)
+
+    def reference(u, v):  # SPEC §1.2 literally: φ = [x⊙v, x⊙u] on the 2d points, σ_k/σ_1 > 1e-15
+        return utils.jacobian_rank(np.hstack([x_rank * v, x_rank * u]), 1e-15)
+
+    # clearly separated magnitudes: the certificate decides, without any SVD
+    u = np.where(np.arange(d) < 25, 1.0, 1e-30) * rng.uniform(0.5, 1.5, (6, d))
+    v = np.where(np.arange(d) < 10, 0.3, 0.0) * np.ones((6, d))
+    ranks = rank_of(u, v)
+    assert rank_of.svd_calls == 0 and list(ranks) == [25] * 6 == [reference(a, b) for a, b in zip(u, v)]
+    assert rank_of(np.zeros((1, d)), np.zeros((1, d)))[0] == 0
+    # magnitudes spread continuously through the threshold: SVD fallback; equal up to float64 noise at ε
+    u, v = _graded_states(rng, 60, d, -30)
+    ranks = rank_of(u, v)
+    expected = np.array([reference(a, b) for a, b in zip(u, v)])
+    assert rank_of.svd_calls > 0 and 10 < expected.min() < expected.max() < d
+    assert np.abs(ranks - expected).max() <= 1 and (ranks != expected).mean() <= 0.1
+
+
+@pytest.mark.parametrize("preset, n_logs", [("e1", 8), ("e2", 8), ("e3", 4)])
+def test_diag_net_presets_run_small_and_plot(tmp_path, preset, n_logs):
+    out = tmp_path / "runs"
+    result = run_script("diag_net.py", "--preset", preset, "--iterations", "300", "--eval-points", "10",
+                        "--seeds", "1", "2", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    paths = sorted(out.glob("*.json"))
+    assert len(paths) == n_logs  # one log per SGD run and seed, one per GD run (seed null); --seeds replaces E3's 2
+    for path in paths:
+        log = assert_valid_log(path, "diag_net")
+        assert log["experiment"] == preset and log["config"]["iterations"] == 300 and "seed_summary" in log
+        assert {"train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balancedness", "lr"} <= set(log["final"])
+        if preset == "e3":
+            assert np.array(log["surface"]["train_loss"]).shape == (100, 100)
+            assert len(log["trajectory_2d"]["a"]) == 301 and log["surface"]["w_init"] == [0.0, 0.0]
+    figures = tmp_path / "figures"
+    result = run_script("plots.py", "--logs", str(out), "--out", str(figures))
+    assert result.returncode == 0, result.stderr
+    expected = {f"{preset}.png"} | ({"e3_metrics.png"} if preset == "e3" else set())
+    assert {path.name for path in figures.glob("*.png")} == expected
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lr", "-0.1"], "--lr"),
+    (["--n", "0"], "--n"),
+    (["--preset", "e9"], "--preset"),
+    (["--preset", "e1", "--lr", "0.3"], "--lr"),
+    (["--decay-frac", "0.5"], "--decay-factor"),
+    (["--d", "10", "--r", "20"], "--r"),
+])
+def test_diag_net_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, args, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        diag_net.parse_args(args + ["--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and flag in err
+
+
+def test_diag_net_bad_input_from_the_command_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_script("diag_net.py", "--out-dir", str(blocker / "sub"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--out-dir" in result.stderr
+    assert "Traceback" not in result.stderr

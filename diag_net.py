@@ -1,0 +1,667 @@
+"""Diagonal linear networks trained with large-step SGD and GD: experiments E1, E2, E3 of SPEC.md.
+
+Model h(x) = <u ⊙ v, x> with u0 = α·1, v0 = 0 (α = --init-scale), square loss L = ‖Xβ − y‖² / (2n) with β = u ⊙ v,
+sparse non-negative teacher θ* (SPEC E1). The paper's claim in this setting: SGD with a large step size keeps the loss
+from converging ("loss stabilization") while its noise shrinks most coordinates of β to zero; the longer the
+large-step phase lasts before the step size is decayed, the sparser β and the lower the test loss. Full-batch GD with
+large steps does not do this (E2).
+
+Commands (from the repository root; every run writes one JSON log per run and seed into --out-dir):
+
+    python diag_net.py                                  # E1 constant run only (η = 0.25, seed 1), as a custom run
+    python diag_net.py --preset e1                      # E1: the 4 runs of the main-text figure (seed 1)
+    python diag_net.py --preset e1 --seeds 1 2 3 4 5 6 7 8   # E1 over 8 seeds (vectorised: one process, one batch)
+    python diag_net.py --preset e2                      # E2: GD vs SGD, n = 40, d = 100
+    python diag_net.py --preset e3                      # E3: loss-surface picture data (grid + projected paths)
+    python plots.py --logs runs/diag_net --out figures  # figures e1.png, e2.png, e3.png (+ e3_metrics.png)
+
+Expected results (measured with this script; authors' numbers in SPEC E1):
+    E1 constant η = 0.25, seed 1, at the last evaluation point (iteration 99 599, before its update):
+        train 1.4216e-06, test 3.5286e-03, ‖β‖₀ 200, rank 200   (authors: 1.4216e-06, 3.5286e-03, 200)
+        after all 100 001 steps (log key `after_training`): train 3.5597e-06, test 3.5672e-03
+    E1 decayed runs (η = 0.282), seed 1 and over seeds: see the table printed at the end of the run; the seeds sit at
+        the edge of divergence, so the table reports the diverged fraction and the medians of the others.
+Runtime on the 2-core CPU this kit was developed on: see "Runtime" in the README section of the final report; about
+1-2 s per 100 001-step run and seed, and 16 seeds cost less than 3x one seed (seeds are a batch dimension).
+
+Design notes:
+  * SGD draws indices with np.random.RandomState(seed).randint(n, size=N): the same sequence as reseeding legacy numpy
+    and calling np.random.randint(n) once per step (SPEC E1). All seeds of a run advance together as the rows of
+    (seeds × d) arrays; a seed whose state becomes NaN/inf is logged as `diverged` (with `diverged_at`) and removed
+    from the batch, so it is frozen and produces no overflow noise, while the other seeds go on.
+  * Metrics are computed BEFORE the update of each evaluation iteration {0..99} ∪ round(linspace(0, N, K))[:-1].
+  * Rank of φ(X) (SPEC §1.2): see JacobianRank — an exact reformulation plus a certified shortcut, so the per-eval SVD
+    does not dominate the run time.
+  * Logs are saved atomically (utils.RunLog) at most every --log-interval seconds during a run and always at its end,
+    on divergence, interruption or failure: one atomic save costs ~5-10 ms here (fsync), which after every one of the
+    ~350 evaluations would cost more than the training itself.
+  * Each log of a run carries `seed_summary` (all seeds of that run: diverged fraction, medians of the others at the
+    last evaluation), so figures and tables can quote it from any one log.
+"""
+import argparse
+import contextlib
+import math
+import os
+import time
+
+# All matrices here are small (≤ 1000×200): one BLAS thread is fastest, and multi-threaded OpenBLAS busy-waits badly
+# when the cores are shared (measured 1.4 s instead of 0.02 s for the data draw). Must be set before numpy loads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+
+SCRIPT = "diag_net"
+L0_THRESHOLD = 1e-50  # ‖β‖₀ counts |β_i| > 1e-50 (SPEC §1.3)
+RANK_EPS = 1e-15  # rank of φ counts σ_k / σ_1 > 1e-15 on the first 2d test points (SPEC §1.2)
+DENSE_EVALS = 100  # every iteration 0..99 is evaluated (SPEC E1)
+SURFACE_RANGE = (-0.5, 2.3)  # E3 grid over [-0.5, 2.3]² in plane coordinates (SPEC E3)
+SURFACE_POINTS = 100
+PROGRESS_EVERY_S = 30.0  # progress line period on long runs
+METRIC_KEYS = ("train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balancedness")  # besides iter and lr
+
+# ======================================================================================================================
+# Presets (SPEC E1-E3). `shared` = data/size settings common to all runs; `runs` = one dict per run.
+# ======================================================================================================================
+
+
+def _run(algorithm, lr, decay_frac=None, decay_factor=None, seeds=None, role=None):
+    """One run of a preset: algorithm, step size η, optional single decay ÷decay_factor after ⌊T·N⌋."""
+    return {"algorithm": algorithm, "lr": lr, "decay_frac": decay_frac, "decay_factor": decay_factor,
+            "seeds": seeds, "role": role}
+
+
+PRESETS = {
+    # SPEC E1: main-text figure; the decayed runs are at the edge of divergence (compare over seeds).
+    "e1": {"shared": {"n": 80, "d": 200, "r": 20, "iterations": 100001},
+           "runs": [_run("sgd", 0.25), _run("sgd", 0.282, 0.1, 4.8), _run("sgd", 0.282, 0.3, 3.4),
+                    _run("sgd", 0.282, 0.5, 1.5)]},
+    # SPEC E2: large-step GD stays dense, large-step SGD finds a sparse β. The paper's SGD run (η = 0.272) diverges
+    # for 14 of seeds 1-16 (seed 1 included), so its SGD runs use 16 seeds by default, and η = 0.26 (inside the
+    # range [0.24, 0.272] SPEC E2 suggests sweeping; 2 of 16 seeds diverge) is added as a robust companion.
+    "e2": {"shared": {"n": 40, "d": 100, "r": 20, "iterations": 100001},
+           "runs": [_run("gd", 2.0), _run("gd", 3.53, 0.1, 4.8), _run("gd", 3.53, 0.3, 3.4),
+                    _run("gd", 3.53, 0.5, 1.5), _run("sgd", 0.272, 0.5, 20.0, seeds=list(range(1, 17))),
+                    _run("sgd", 0.26, 0.5, 20.0, seeds=list(range(1, 17)))]},
+    # SPEC E3: "÷3 at iteration 5000" of 10 001 = decay after ⌊0.5·10001⌋ = 5000; SGD uses seed 2.
+    "e3": {"shared": {"n": 20, "d": 30, "r": 3, "iterations": 10001},
+           "runs": [_run("gd", 0.03, role="flow"), _run("gd", 3.0, 0.5, 3.0), _run("sgd", 0.6, 0.5, 3.0, seeds=[2])],
+           "surface": True},
+}
+SHARED_FLAGS = ("n", "d", "r", "n_test", "data_seed", "init_scale", "iterations", "eval_points", "seeds")
+RUN_FLAGS = ("algorithm", "lr", "decay_frac", "decay_factor")
+
+# ======================================================================================================================
+# Data (SPEC E1)
+# ======================================================================================================================
+
+
+def make_data(n, d, r, n_test, data_seed):
+    """Noiseless sparse regression data of SPEC E1, drawn from the legacy numpy generator seeded with `data_seed`.
+
+    Order matters for reproducing the authors' numbers: X (n×d), then X_test (n_test×d), both standard Gaussian via
+    multivariate_normal, then θ* = randn(d) with θ*[r:] = 0, θ* = |θ*| / ‖θ*‖₂. A RandomState instance produces the
+    same stream as np.random.seed + the global functions, without touching global state.
+    """
+    rng = np.random.RandomState(data_seed)
+    x_train = rng.multivariate_normal(np.zeros(d), np.eye(d), n)
+    x_test = rng.multivariate_normal(np.zeros(d), np.eye(d), n_test)
+    theta = rng.randn(d)
+    theta[r:] = 0
+    theta = np.abs(theta) / np.linalg.norm(theta)
+    return {"X": x_train, "y": x_train @ theta, "X_test": x_test, "y_test": x_test @ theta, "theta": theta}
+
+
+def sgd_indices(seeds, n, n_iters):
+    """(seeds × N) sample indices: row k = RandomState(seed_k).randint(n, size=N) (SPEC E1)."""
+    return np.stack([np.random.RandomState(seed).randint(n, size=n_iters) for seed in seeds])
+
+
+def eval_iterations(n_iters, n_points):
+    """Evaluation iterations {0..99} ∪ round(linspace(0, N, K))[:-1], sorted (SPEC E1).
+
+    Points that round to N (possible only when K > N) are dropped: there is no iteration N to evaluate before.
+    """
+    spread = np.round(np.linspace(0, n_iters, n_points)).astype(int)[:-1]
+    dense = np.arange(min(DENSE_EVALS, n_iters))
+    evals = np.unique(np.concatenate([dense, spread]))
+    return evals[evals < n_iters]
+
+# ======================================================================================================================
+# Metrics (SPEC §1.2, §1.3)
+# ======================================================================================================================
+
+
+class JacobianRank:
+    """rank φ(X_r) for a batch of states (u, v), X_r = the first 2d test points, ε = 1e-15 (SPEC §1.2).
+
+    φ(X_r) = [X_r diag(v), X_r diag(u)] (rows ∇_(u,v) h(x_i)) has φφᵀ = X_r diag(u² + v²) X_rᵀ, so its nonzero singular
+    values are exactly those of X_r diag(w), w = √(u² + v²), and, with X_r = QR, those of R diag(w) (d×d). This avoids
+    the 2d×2d SVD, whose d structural zero singular values come out at ~5e-16·σ₁ in float64, uncomfortably close to ε.
+    With the columns sorted by w, the tail after the k largest is dropped once it is negligible (Frobenius norm
+    δ ≤ ε·σ₁/10, so it moves every singular value by < ε·σ₁/10, Weyl). If moreover the k kept columns are certainly
+    independent (σ_min(R)·w_(k) − δ ≥ 10·ε·σ₁), the rank is k with a 10× margin on both sides of the threshold and no
+    SVD is needed: this covers constant-step runs and the start of every run. Otherwise — sparsifying runs spread the
+    w_j continuously over many decades, ~5 per decade, so some always sit near the threshold — the kept columns are
+    reduced to a k×k triangle by one batched QR (an orthogonal map: same singular values) and utils.jacobian_rank
+    counts on it; this is ~1.5× cheaper than the SVD of the d×k matrix.
+    """
+
+    def __init__(self, x_rank, eps=RANK_EPS, margin=10.0):
+        self.eps, self.margin = eps, margin
+        self.r_factor = np.linalg.qr(x_rank, mode="r")
+        self.col_norms = np.linalg.norm(self.r_factor, axis=0)
+        singular = np.linalg.svd(self.r_factor, compute_uv=False)
+        # The certificate needs σ_min(R[:, S]) ≥ σ_min(R) > 0, true only for a tall X_r of full column rank.
+        square = self.r_factor.shape[0] == self.r_factor.shape[1]
+        self.s_max, self.s_min = singular[0], (singular[-1] if square else 0.0)
+        self.svd_calls = 0
+
+    def __call__(self, u, v):
+        """Ranks (int array, one per row of u and v)."""
+        w = np.sqrt(u * u + v * v)
+        order = np.argsort(-w, axis=1)
+        w_sorted = np.take_along_axis(w, order, axis=1)
+        cols_sq = (w_sorted * self.col_norms[order]) ** 2
+        # tail[:, k] = Frobenius norm of the columns after the k largest (k = 0..d)
+        tail = np.sqrt(np.concatenate([np.cumsum(cols_sq[:, ::-1], axis=1)[:, ::-1],
+                                       np.zeros((len(w), 1))], axis=1))
+        sigma_low = np.sqrt(cols_sq.max(axis=1))  # ≤ σ₁: the largest column norm
+        sigma_high = np.minimum(self.s_max * w_sorted[:, 0], tail[:, 0])  # ≥ σ₁
+        kept = np.argmax(tail <= self.eps * sigma_low[:, None] / self.margin, axis=1)
+        w_last = np.take_along_axis(w_sorted, np.maximum(kept - 1, 0)[:, None], axis=1)[:, 0]
+        tail_kept = np.take_along_axis(tail, kept[:, None], axis=1)[:, 0]
+        certain = self.s_min * w_last - tail_kept >= self.margin * self.eps * sigma_high
+        ranks = np.where(certain | (kept == 0), kept, 0)
+        uncertain = np.flatnonzero(~certain & (kept > 0))
+        if len(uncertain):
+            ranks[uncertain] = self._svd_ranks(w[uncertain], order[uncertain], kept[uncertain])
+        return ranks
+
+    def _svd_ranks(self, w, order, kept):
+        """SVD-based count on the kept columns of each row, zero-padded to a common width for one batched QR."""
+        width = kept.max()
+        columns = np.zeros((len(w), self.r_factor.shape[0], width))
+        for i, k in enumerate(kept):
+            columns[i, :, :k] = self.r_factor[:, order[i, :k]] * w[i, order[i, :k]]
+        # zero columns at the end leave the leading k×k block of the triangle unchanged
+        triangles = np.linalg.qr(columns, mode="r")
+        self.svd_calls += len(w)
+        with _torch_single_thread():
+            return [utils.jacobian_rank(triangle[:k, :k], self.eps) for triangle, k in zip(triangles, kept)]
+
+
+@contextlib.contextmanager
+def _torch_single_thread():
+    """Run torch on one thread: its threads spin-wait on these small SVDs (18× slower measured on a shared 2-core
+    machine). Needed when this module is imported after torch (the environment variables above then come too late)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def half_mse(x, y, beta):
+    """L = ‖Xβ − y‖² / (2·#rows) for each row of beta (SPEC §1.3)."""
+    residual = beta @ x.T - y
+    return np.einsum("bn,bn->b", residual, residual) / (2 * len(y))
+
+
+def evaluate(data, u, v, rank_of):
+    """Every per-evaluation metric of SPEC §1.3 for a batch of states, as {name: array over the batch}."""
+    beta = u * v
+    abs_beta = np.abs(beta)
+    return {
+        "train_loss": half_mse(data["X"], data["y"], beta),
+        "test_loss": half_mse(data["X_test"], data["y_test"], beta),
+        "l0": (abs_beta > L0_THRESHOLD).sum(axis=1),
+        "l1": abs_beta.sum(axis=1),
+        "rank": rank_of(u, v),
+        "uv_norm": np.sqrt((u * u).sum(axis=1) + (v * v).sum(axis=1)),
+        "balancedness": np.linalg.norm(np.abs(u) - np.abs(v), axis=1),
+    }
+
+# ======================================================================================================================
+# Training (SPEC E1 SGD, E2 GD), vectorised over seeds: state arrays are (seeds × d)
+# ======================================================================================================================
+
+
+def sgd_steps(u, v, xs, ys, lrs, states=None):
+    """Batch-1 SGD steps for every seed at once (SPEC E1): e = x_iᵀ(u⊙v) − y_i, u −= η·e·(x_i⊙v), v −= η·e·(x_i⊙u).
+
+    xs: (seeds × L × d) the sampled rows, ys: (seeds × L) their targets, lrs: (L,) step sizes. Returns the new u, v and
+    the (seeds × L) residuals, used to date a divergence. `states` (seeds × L × 2d), if given, receives (u, v) before
+    each step. The tuple assignment makes the update simultaneous (both use the old u and v).
+    """
+    residuals = np.empty(ys.shape)
+    d = u.shape[1]
+    for j, lr in enumerate(lrs):
+        if states is not None:
+            states[:, j, :d], states[:, j, d:] = u, v
+        x = xs[:, j]
+        e = np.einsum("sd,sd->s", x, u * v) - ys[:, j]
+        residuals[:, j] = e
+        g = (lr * e)[:, None] * x
+        u, v = u - g * v, v - g * u
+    return u, v, residuals
+
+
+def gd_steps(u, v, x, y, lrs, states=None):
+    """Full-batch GD steps on L = ‖X(u⊙v) − y‖²/(2n) (SPEC E2): ∇_u L = (Xᵀr/n)⊙v, ∇_v L = (Xᵀr/n)⊙u, r = Xβ − y.
+
+    Same interface as sgd_steps; the residuals returned are Σ_i r_i per step (non-finite as soon as any r_i is).
+    """
+    residuals = np.empty((u.shape[0], len(lrs)))
+    x_t, d = np.ascontiguousarray(x.T), u.shape[1]
+    for j, lr in enumerate(lrs):
+        if states is not None:
+            states[:, j, :d], states[:, j, d:] = u, v
+        r = (u * v) @ x_t - y
+        residuals[:, j] = r.sum(axis=1)
+        g = (r @ x) * (lr / len(y))
+        u, v = u - g * v, v - g * u
+    return u, v, residuals
+
+
+def _first_bad_step(residuals):
+    """Per row, the index of the first non-finite residual (the last index if all are finite but the state is not)."""
+    bad = ~np.isfinite(residuals)
+    return np.where(bad.any(axis=1), bad.argmax(axis=1), residuals.shape[1] - 1)
+
+
+def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None, on_diverge=None,
+          keep_trajectory=False):
+    """Train one configuration for all `seeds` at once (one batch row per seed; GD ignores the seed values).
+
+    lrs: (N,) step size of every iteration; evals: sorted evaluation iterations (< N, starting at 0).
+    on_eval(t, rows, metrics): called at each evaluation iteration t, before that iteration's update, with the batch
+    rows still alive and their metrics. on_diverge(row, t): called once when a row becomes non-finite (t = first
+    iteration whose residual is non-finite, or the evaluation whose metrics are); the row is then dropped.
+    Returns {"u", "v": final states (NaN rows for diverged), "after": metrics after all N steps, "diverged_at": (-1 =
+    never), "trajectory": (rows × N+1 × 2d) states before each iteration plus the final one, or None, "timing"}.
+    """
+    n_iters, d, batch = len(lrs), data["X"].shape[1], len(seeds)
+    u, v = np.full((batch, d), float(init_scale)), np.zeros((batch, d))
+    indices = sgd_indices(seeds, len(data["y"]), n_iters) if algorithm == "sgd" else None
+    alive = np.arange(batch)
+    diverged_at = np.full(batch, -1)
+    trajectory = np.full((batch, n_iters + 1, 2 * d), np.nan) if keep_trajectory else None
+    timing = {"train_s": 0.0, "metrics_s": 0.0, "callbacks_s": 0.0}
+    bounds = list(evals) + [n_iters]
+    last_progress = time.monotonic()
+
+    def drop(bad, when):
+        """Mark rows (bad: mask over alive) as diverged at iterations `when`, remove them from the batch."""
+        nonlocal u, v, alive
+        for row, t in zip(alive[bad], np.broadcast_to(when, bad.shape)[bad]):
+            diverged_at[row] = t
+            if on_diverge is not None:
+                on_diverge(row, int(t))
+        u, v, alive = u[~bad], v[~bad], alive[~bad]
+
+    # Overflow in a diverging row must not spam warnings; such rows are detected and dropped below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, t0 in enumerate(evals):
+            if not len(alive):
+                break
+            tick = time.monotonic()
+            metrics = evaluate(data, u, v, rank_of)
+            finite = np.all([np.isfinite(m) for m in metrics.values()], axis=0)
+            timing["metrics_s"] += time.monotonic() - tick
+            if not finite.all():
+                metrics = {key: value[finite] for key, value in metrics.items()}
+                drop(~finite, t0)
+            tick = time.monotonic()
+            if on_eval is not None and len(alive):
+                on_eval(int(t0), alive, metrics)
+            timing["callbacks_s"] += time.monotonic() - tick
+            tick = time.monotonic()
+            t1 = bounds[k + 1]
+            states = np.empty((len(alive), t1 - t0, 2 * d)) if keep_trajectory else None
+            if algorithm == "sgd":
+                chunk = indices[alive, t0:t1]
+                u, v, residuals = sgd_steps(u, v, data["X"][chunk], data["y"][chunk], lrs[t0:t1], states)
+            else:
+                u, v, residuals = gd_steps(u, v, data["X"], data["y"], lrs[t0:t1], states)
+            if keep_trajectory:
+                trajectory[alive, t0:t1] = states
+            bad = ~(np.isfinite(residuals).all(axis=1) & np.isfinite(u).all(axis=1) & np.isfinite(v).all(axis=1))
+            if bad.any():
+                drop(bad, t0 + _first_bad_step(residuals))
+            timing["train_s"] += time.monotonic() - tick
+            if time.monotonic() - last_progress > PROGRESS_EVERY_S:
+                last_progress = time.monotonic()
+                print(f"    iteration {t1}/{n_iters}, {len(alive)}/{batch} seeds alive", flush=True)
+        final_u, final_v = np.full((batch, d), np.nan), np.full((batch, d), np.nan)
+        final_u[alive], final_v[alive] = u, v
+        after = {key: np.full(batch, np.nan) for key in METRIC_KEYS}
+        if len(alive):
+            for key, value in evaluate(data, u, v, rank_of).items():
+                after[key][alive] = value
+    if keep_trajectory:
+        trajectory[alive, n_iters, :d], trajectory[alive, n_iters, d:] = u, v
+    return {"u": final_u, "v": final_v, "after": after, "diverged_at": diverged_at, "trajectory": trajectory,
+            "timing": timing}
+
+# ======================================================================================================================
+# E3: the plane through w_init, w* and w_flow (SPEC E3)
+# ======================================================================================================================
+
+
+def surface_plane(w_init, w_flow, w_star):
+    """Orthonormal e1, e2: e1 ∥ w* − w_init, e2 = the part of w_flow − w_init orthogonal to e1 (SPEC E3).
+
+    Returns None when w_flow − w_init is (numerically) parallel to e1, as then no plane is defined.
+    """
+    e1 = (w_star - w_init) / np.linalg.norm(w_star - w_init)
+    flow = w_flow - w_init
+    flow = flow - (flow @ e1) * e1
+    if np.linalg.norm(flow) < 1e-12:
+        return None
+    return np.stack([e1, flow / np.linalg.norm(flow)])
+
+
+def loss_surface(data, w_init, plane, low=SURFACE_RANGE[0], high=SURFACE_RANGE[1], points=SURFACE_POINTS):
+    """Train and test loss on a points×points grid w = w_init + a·e1 + b·e2, a, b ∈ [low, high] (SPEC E3).
+
+    Stored with rows indexed by b and columns by a (loss[i][j] at a = coords[j], b = coords[i]), the layout of
+    matplotlib's contourf(coords, coords, loss). Raw values; the figure clips them at 100.
+    """
+    coords = np.linspace(low, high, points)
+    b_grid, a_grid = np.meshgrid(coords, coords, indexing="ij")
+    w = w_init + a_grid.reshape(-1, 1) * plane[0] + b_grid.reshape(-1, 1) * plane[1]
+    d = len(w_init) // 2
+    beta = w[:, :d] * w[:, d:]
+    with np.errstate(over="ignore", invalid="ignore"):
+        train = half_mse(data["X"], data["y"], beta).reshape(points, points)
+        test = half_mse(data["X_test"], data["y_test"], beta).reshape(points, points)
+    return {"coords": coords, "train_loss": train, "test_loss": test}
+
+
+def _rounded(array, decimals=6):
+    """Shorter JSON for big arrays (plane coordinates and losses are plotted, not recomputed)."""
+    return np.round(np.asarray(array, dtype=float), decimals)
+
+# ======================================================================================================================
+# Command line: flags, presets, validation
+# ======================================================================================================================
+
+DEFAULTS = {"preset": None, "n": 80, "d": 200, "r": 20, "n_test": 1000, "data_seed": 0, "init_scale": 0.1,
+            "algorithm": "sgd", "lr": 0.25, "decay_frac": None, "decay_factor": None, "iterations": 100001,
+            "eval_points": 250, "seeds": [1], "out_dir": os.path.join("runs", SCRIPT), "log_interval": 2.0}
+_UNSET = object()  # marks flags not given on the command line (argparse keeps pre-set namespace attributes)
+
+EPILOG = """presets (SPEC.md):
+  e1  n=80 d=200 r=20, 100001 iterations, SGD: η=0.25 constant; η=0.282 ÷4.8 at 10 %, ÷3.4 at 30 %, ÷1.5 at 50 %
+  e2  n=40 d=100 r=20, 100001 iterations, GD: η=2.0 constant; η=3.53 ÷4.8/÷3.4/÷1.5 at 10/30/50 %;
+      SGD: η=0.272 (paper) and η=0.26, ÷20 at 50 %, seeds 1-16 (most seeds diverge at η=0.272)
+  e3  n=20 d=30 r=3, 10001 iterations, GD η=0.03 ("gradient flow"); GD η=3.0 ÷3 at 50 %; SGD (seed 2) η=0.6 ÷3 at
+      50 %; stores the 100×100 loss grid on the plane through w_init, w*, w_flow and the projected trajectories
+with --preset, the data/size flags (--n --d --r --n-test --data-seed --init-scale --iterations --eval-points --seeds)
+override the preset for ALL its runs (e.g. a quick check: --preset e1 --iterations 2000), --seeds replaces the seeds
+of its SGD runs (GD is deterministic: one log, seed null); the per-run flags (--algorithm --lr --decay-frac
+--decay-factor) are rejected with --preset. Without --preset the flags describe one custom run (experiment "custom").
+"""
+
+
+def build_parser():
+    parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                  formatter_class=_HelpFormatter)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), help="run every run of a paper experiment (see below)")
+    add("--n", type=utils.positive_int, help="number of training points n")
+    add("--d", type=utils.positive_int, help="input dimension d")
+    add("--r", type=utils.positive_int, help="support size r of the teacher θ* (r ≤ d)")
+    add("--n-test", type=utils.positive_int,
+        help="number of test points; the rank uses the first min(2d, n-test) of them")
+    add("--data-seed", type=utils.nonnegative_int, help="seed of the legacy numpy generator that draws X, X_test, θ*")
+    add("--init-scale", type=utils.nonnegative_float, help="α in the initialisation u0 = α·1, v0 = 0")
+    add("--algorithm", choices=("sgd", "gd"), help="batch-1 SGD, or full-batch GD on the mean loss")
+    add("--lr", type=utils.positive_float, help="step size η (before the decay)")
+    add("--decay-frac", type=utils.fraction,
+        help="T: divide η by --decay-factor after iteration ⌊T·N⌋ (omit both for a constant step size)")
+    add("--decay-factor", type=utils.positive_float, help="decay divisor d (needs --decay-frac)")
+    add("--iterations", type=utils.positive_int, help="N, number of SGD/GD iterations")
+    add("--eval-points", type=utils.positive_int,
+        help="K: evaluate at {0..99} ∪ round(linspace(0, N, K))[:-1], before that iteration's update")
+    add("--seeds", type=utils.nonnegative_int, nargs="+",
+        help="SGD sampling seeds, run together as one vectorised batch (one log per seed)")
+    add("--out-dir", help="folder for the JSON run logs")
+    add("--log-interval", type=utils.nonnegative_float,
+        help="seconds between log saves during a run (0 = after every evaluation); logs are always saved at the end")
+    return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show the custom-run default of every flag (flags default to a marker so that presets can tell what was given)."""
+
+    def _get_help_string(self, action):
+        default = DEFAULTS.get(action.dest)
+        if action.dest == "help" or action.dest not in DEFAULTS:
+            return action.help
+        shown = "constant step size" if action.dest in ("decay_frac", "decay_factor") and default is None else \
+            "none (one custom run)" if default is None else " ".join(map(str, default)) if isinstance(default, list) \
+            else default
+        return f"{action.help} (default: {shown})"
+
+
+def parse_args(argv=None):
+    """Parse flags, resolve presets; returns (args, experiment name, list of run dicts, surface flag)."""
+    parser = build_parser()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**{key: _UNSET for key in DEFAULTS}))
+    given = {key for key in DEFAULTS if getattr(args, key) is not _UNSET}
+    for key, value in DEFAULTS.items():
+        if key not in given:
+            setattr(args, key, value)
+    if args.preset is None:
+        runs, surface = [_custom_run(args, given)], False
+    else:
+        preset = PRESETS[args.preset]
+        for key in RUN_FLAGS:
+            if key in given:
+                utils.usage_error(_flag(key), f"is set per run by --preset {args.preset}; drop --preset to run one "
+                                              "custom configuration")
+        for key, value in preset["shared"].items():
+            if key not in given:
+                setattr(args, key, value)
+        runs = [dict(run, seeds=args.seeds if "seeds" in given or run["seeds"] is None else run["seeds"])
+                for run in preset["runs"]]
+        surface = preset.get("surface", False)
+    if args.r > args.d:
+        utils.usage_error("--r", f"the support size r = {args.r} must be at most d = {args.d}")
+    utils.prepare_out_dir(args.out_dir)
+    return args, args.preset or "custom", runs, surface
+
+
+def _flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def _custom_run(args, given):
+    """The single run described by the per-run flags (no preset)."""
+    if ("decay_frac" in given) != ("decay_factor" in given):
+        missing = "decay_factor" if "decay_frac" in given else "decay_frac"
+        utils.usage_error(_flag(missing), "--decay-frac and --decay-factor must be given together")
+    return _run(args.algorithm, args.lr, args.decay_frac, args.decay_factor, seeds=args.seeds)
+
+# ======================================================================================================================
+# Driver: logs, summaries
+# ======================================================================================================================
+
+
+def run_label(run):
+    """Human label, e.g. 'SGD η = 0.282, ÷4.8 at 10 %' (the `run` key of the logs and the figure legends)."""
+    label = f"{run['algorithm'].upper()} η = {run['lr']:g}"
+    if run["role"] == "flow":
+        return label + " (≈ gradient flow)"
+    if run["decay_frac"] is None:
+        return label + ", constant"
+    return label + f", ÷{run['decay_factor']:g} at {100 * run['decay_frac']:g} %"
+
+
+class ThrottledRunLog(utils.RunLog):
+    """utils.RunLog that saves at most every `interval` seconds from `record` (finish/errors always save).
+
+    Also measures the time spent saving, reported in the log's `timing` and the printed summary.
+    """
+
+    def __init__(self, path, script, config, interval, **extra):
+        self.interval, self.save_seconds, self.last_save = interval, 0.0, -math.inf
+        super().__init__(path, script, config, **extra)
+
+    def record(self, **metrics):
+        if time.monotonic() - self.last_save >= self.interval:
+            super().record(**metrics)
+        else:
+            self.data["history"].append(metrics)
+            self.data["final"] = metrics
+
+    def save(self):
+        tick = time.monotonic()
+        super().save()
+        self.last_save = time.monotonic()
+        self.save_seconds += self.last_save - tick
+
+
+def _exit_if_running(log):
+    """ExitStack callback: let RunLog mark an interrupted/failed run, but never overwrite a finished seed's status."""
+
+    def exit_callback(exc_type, exc, tb):
+        return log.data["status"] == "running" and log.__exit__(exc_type, exc, tb)
+
+    return exit_callback
+
+
+def seed_summary(seeds, statuses, finals):
+    """Diverged fraction and the medians (over the non-diverged seeds) of the last evaluation's metrics."""
+    done = [final for status, final in zip(statuses, finals) if status == "completed"]
+    diverged = [seed for seed, status in zip(seeds, statuses) if status == "diverged"]
+    return {
+        "seeds": list(seeds),
+        "diverged_seeds": diverged,
+        "fraction_diverged": len(diverged) / len(seeds),
+        "median_final": {key: float(np.median([final[key] for final in done])) for key in METRIC_KEYS}
+        if done else None,
+        "final_iter": done[0]["iter"] if done else None,
+    }
+
+
+def run_config(args, run, seed, n_iters):
+    """Every resolved setting of one run and seed, as stored in its log's `config`."""
+    decay_iter = None if run["decay_frac"] is None else math.floor(run["decay_frac"] * n_iters)
+    return {"preset": args.preset, "n": args.n, "d": args.d, "r": args.r, "n_test": args.n_test,
+            "data_seed": args.data_seed, "init_scale": args.init_scale, "algorithm": run["algorithm"],
+            "lr": run["lr"], "decay_frac": run["decay_frac"], "decay_factor": run["decay_factor"],
+            "decay_iter": decay_iter, "iterations": n_iters, "eval_points": args.eval_points, "seed": seed,
+            "seeds": run["seeds"] if run["algorithm"] == "sgd" else None, "out_dir": args.out_dir,
+            "log_interval": args.log_interval, "rank_points": min(2 * args.d, args.n_test), "rank_eps": RANK_EPS,
+            "l0_threshold": L0_THRESHOLD, "role": run["role"]}
+
+
+def _metrics_row(metrics, i):
+    """Row i of a {name: array} batch of metrics as plain Python numbers (counts as int)."""
+    return {key: int(value[i]) if key in ("l0", "rank") else float(value[i]) for key, value in metrics.items()}
+
+
+def execute_run(args, experiment, run, data, rank_of, keep_trajectory):
+    """Train one run for all its seeds at once, writing one log per seed; returns (logs, train() result, seconds)."""
+    n_iters = args.iterations
+    seeds = run["seeds"] if run["algorithm"] == "sgd" else [None]  # GD is deterministic: one row, seed null
+    label = run_label(run)
+    lrs = utils.toy_step_sizes(n_iters, run["lr"], run["decay_frac"], run["decay_factor"] or 1.0)
+    slug = utils.run_slug(**{run["algorithm"]: True}, lr=run["lr"], div=run["decay_factor"], at=run["decay_frac"])
+    env = utils.environment_info("cpu")
+    logs = [ThrottledRunLog(
+        os.path.join(args.out_dir, f"{experiment}_{slug}" + ("" if seed is None else f"_seed{seed}") + ".json"),
+        SCRIPT, run_config(args, run, seed, n_iters), args.log_interval, env=env, experiment=experiment, run=label,
+        seed=seed) for seed in seeds]
+    print(f"run {label}: {len(seeds)} seed(s), {n_iters} iterations", flush=True)
+
+    def on_eval(t, rows, metrics):
+        for i, row in enumerate(rows):
+            logs[row].record(iter=t, lr=float(lrs[t]), **_metrics_row(metrics, i))
+
+    def on_diverge(row, t):
+        print(f"    seed {seeds[row]}: diverged (non-finite) at iteration {t}; the other seeds go on", flush=True)
+        logs[row].finish("diverged", diverged_at=t)
+
+    start, svd_calls = time.monotonic(), rank_of.svd_calls
+    with contextlib.ExitStack() as stack:
+        for log in logs:
+            stack.push(_exit_if_running(log))
+        result = train(data, lrs, run["algorithm"], seeds, eval_iterations(n_iters, args.eval_points),
+                       args.init_scale, rank_of, on_eval, on_diverge, keep_trajectory)
+        seconds = time.monotonic() - start
+        statuses = ["diverged" if log.data["status"] == "diverged" else "completed" for log in logs]
+        summary = seed_summary(seeds, statuses, [log.data["final"] for log in logs])
+        timing = dict(result["timing"], total_s=seconds, rank_svd_calls=rank_of.svd_calls - svd_calls,
+                      log_save_s=sum(log.save_seconds for log in logs))
+        for row, (log, status) in enumerate(zip(logs, statuses)):
+            extra = {} if status == "diverged" else \
+                {"after_training": {"iter": n_iters, **_metrics_row(result["after"], row)}}
+            log.finish(status, seed_summary=summary, timing=timing, **extra)
+    return logs, result, seconds
+
+
+def attach_surface(data, args, runs, outcomes):
+    """E3: build the plane from the flow run, store the grid and each seed's projected trajectory in its log."""
+    d = args.d
+    w_init = np.concatenate([np.full(d, args.init_scale), np.zeros(d)])
+    w_star = np.concatenate([np.sqrt(data["theta"]), np.sqrt(data["theta"])])
+    flow = next(i for i, run in enumerate(runs) if run["role"] == "flow")
+    w_flow = np.concatenate([outcomes[flow][1]["u"][0], outcomes[flow][1]["v"][0]])
+    plane = surface_plane(w_init, w_flow, w_star) if np.isfinite(w_flow).all() else None
+    if plane is None:
+        print("E3: the flow run diverged or ended on the w_init–w* line; no loss surface is stored")
+        return
+    project = lambda w: (w - w_init) @ plane.T  # noqa: E731  plane coordinates (a, b)
+    grid = loss_surface(data, w_init, plane)
+    surface = {"coords": _rounded(grid["coords"]), "train_loss": _rounded(grid["train_loss"], 10),
+               "test_loss": _rounded(grid["test_loss"], 10), "w_init": [0.0, 0.0],
+               "w_flow": _rounded(project(w_flow)), "w_star": _rounded(project(w_star)),
+               "layout": "loss[i][j] at a = coords[j], b = coords[i]; w = w_init + a·e1 + b·e2 (SPEC E3)"}
+    for logs, result, _ in outcomes:
+        for row, log in enumerate(logs):
+            end = result["diverged_at"][row] if log.data["status"] == "diverged" else len(result["trajectory"][row])
+            path = project(result["trajectory"][row, :end])
+            # one point per iteration 0..end-1 (state before its update); completed runs add the state after N steps
+            log.finish(log.data["status"], surface=surface,
+                       trajectory_2d={"a": _rounded(path[:, 0]), "b": _rounded(path[:, 1])})
+
+
+def print_summary(outcomes):
+    """End-of-run table: per run the diverged fraction and the medians of the other seeds at the last evaluation."""
+    print(f"\n{'run':<34} {'seeds':>5} {'diverged':>8} {'iter':>7} {'train loss':>11} {'test loss':>11} "
+          f"{'‖β‖₀':>6} {'rank':>5} {'time':>6} {'log I/O':>7}")
+    for logs, _, seconds in outcomes:
+        summary, timing = logs[0].data["seed_summary"], logs[0].data["timing"]
+        med = summary["median_final"] or {}
+        fmt = lambda key, spec: format(med[key], spec) if key in med else "-"  # noqa: E731
+        diverged = f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
+        last = "-" if summary["final_iter"] is None else summary["final_iter"]
+        print(f"{logs[0].data['run']:<34} {len(logs):>5} {diverged:>8} {last:>7} "
+              f"{fmt('train_loss', '11.4e')} {fmt('test_loss', '11.4e')} {fmt('l0', '6.0f')} {fmt('rank', '5.0f')} "
+              f"{utils.format_seconds(seconds):>6} {timing['log_save_s']:6.2f}s")
+    print("(medians over the non-diverged seeds at the last evaluation point, before its update)")
+
+
+def main(argv=None):
+    args, experiment, runs, surface = parse_args(argv)
+    data = make_data(args.n, args.d, args.r, args.n_test, args.data_seed)
+    rank_of = JacobianRank(data["X_test"][:2 * args.d])
+    start = time.monotonic()
+    outcomes = [execute_run(args, experiment, run, data, rank_of, surface) for run in runs]
+    if surface:
+        attach_surface(data, args, runs, outcomes)
+    print_summary(outcomes)
+    print(f"total {utils.format_seconds(time.monotonic() - start)}; logs in {args.out_dir}")
+    return outcomes
+
+
+if __name__ == "__main__":
+    main()
