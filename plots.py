@@ -121,13 +121,13 @@ DRAWERS["train_densenet"] = draw_deep_net
 
 # Panels per preset (SPEC E4–E6): (metric key or special panel, title, log-scale y). Sparsity keys name the raw density;
 # the de-duplicated one is the same key with "_dedup" inserted (feature_sparsity_dedup, feature_sparsity_dedup_layer1).
+_RELU_LOSSES = [("train_loss", "train loss", True), ("test_loss", "test loss", True)]
+_RELU_RANK = ("rank", "rank of the Jacobian", False)
 RELU_TOY_PANELS = {
-    "e4": [("train_loss", "train loss", True), ("function", "learned function (after the last step)", False),
-           ("rank", "rank of the Jacobian", False), ("feature_sparsity", "feature density (%)", False)],
-    "e5": [("train_loss", "train loss", True), ("test_loss", "test loss", True), ("rank", "rank of the Jacobian", False),
+    "e4": [_RELU_LOSSES[0], ("function", "learned function (after the last step)", False), _RELU_RANK,
            ("feature_sparsity", "feature density (%)", False)],
-    "e6": [("train_loss", "train loss", True), ("test_loss", "test loss", True), ("rank", "rank of the Jacobian", False),
-           ("feature_sparsity_layer1", "feature density, layer 1 (%)", False),
+    "e5": [*_RELU_LOSSES, _RELU_RANK, ("feature_sparsity", "feature density (%)", False)],
+    "e6": [*_RELU_LOSSES, _RELU_RANK, ("feature_sparsity_layer1", "feature density, layer 1 (%)", False),
            ("feature_sparsity_layer2", "feature density, layer 2 (%)", False)],
 }
 
@@ -159,6 +159,9 @@ def draw_relu_toy(experiment, logs, out_dir):
     fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.4), squeeze=False)
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
         color = f"C{color_index % 10}"
+        diverged = sum(log["status"] == "diverged" for log in runs)
+        if diverged:  # a diverged seed's curve stops at its NaN; say so, or an empty curve looks like a plotting bug
+            label = f"{label} [{diverged}/{len(runs)} diverged]"
         for ax, (key, title, log_scale) in zip(axes.flat, panels):
             ax.set_title(title, fontsize=10)
             if key == "function":
@@ -205,11 +208,13 @@ def _neuron_panel(ax, neurons):
 
 
 def draw_neuron_movement(experiment, logs, out_dir):
-    """E5 neuron movement (SPEC E5): one panel per run, from the log of its lowest seed."""
+    """E5 neuron movement (SPEC E5): one panel per run, from its lowest seed that has neuron data (diverged seeds
+    have none)."""
     groups = runs_by_label(logs)
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.9), squeeze=False)
     for ax, (label, runs) in zip(axes.flat, groups.items()):
-        log = min(runs, key=lambda item: item.get("seed", 0))
+        with_data = [log for log in runs if log.get("neurons")] or runs
+        log = min(with_data, key=lambda item: item.get("seed", 0))
         ax.set_title(f"{label}\nseed {log.get('seed')}", fontsize=9)
         if log.get("neurons"):
             _neuron_panel(ax, log["neurons"])
@@ -225,7 +230,7 @@ def draw_neuron_movement(experiment, logs, out_dir):
                           label="student at end, a < 0")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"{experiment}: first-layer neurons w_j (init → end) and teacher directions", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))  # room for the legend below and the title above
     return save_figure(fig, out_dir, f"{experiment}_neurons")
 
 
@@ -282,6 +287,10 @@ def _diag_net_surface_panel(ax, surface, logs, key, title):
     colorbar.set_ticks(10.0 ** np.arange(np.ceil(np.log10(floor)), np.log10(DIAG_NET_LOSS_CLIP) + 1))
     colorbar.set_ticklabels([f"1e{k:.0f}" for k in np.log10(colorbar.get_ticks())])
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+        # a run ending at a sign-flipped copy of w* (still u⊙v = θ*) ends off this plane: say so in the legend
+        flipped = sum(bool(log.get("end_state") and log["end_state"]["negative_support_coords"]) for log in runs)
+        if flipped:
+            label = f"{label}\n[{flipped}/{len(runs)} end at a sign-flipped w*, off this plane]"
         for seed_index, log in enumerate(runs):
             path = log.get("trajectory_2d")
             if path:

@@ -32,12 +32,32 @@ Randomness (the authors' generator code is not available, so the draw order belo
   student: RandomState(seed) draws the student's initial weights layer by layer (weights, then biases), then the
   N SGD indices with randint(n, size=N); all runs of one seed share the init and the index sequence.
 
-Expected results and runtime: filled in below from our own measurements (2-core CPU, float64 numpy).
+Expected results (our measurements, float64; metrics at the last evaluation). Exact agreement with the paper's printed
+numbers is impossible: its data/init generator code is unavailable (we tried ~250 plausible numpy/torch draw orders
+for E5's constant run; none reproduced train 1.354e-05 / test 6.098e-04). Outcomes depend strongly on the draw, so
+compare medians over seeds (--seeds 0 1 2 ...):
+  e4 (seed 3):  T = 0.02: train 1.78e-02, rank 98, dedup density 22.3 %  |  T = 0.5: train 0.259, rank 16, 9.7 %.
+       8 seeds (0-7), medians: T = 0.02: train 1.3e-02, rank 97.5, 23.2 %  |  T = 0.5: train 2.5e-04, rank 21, 9.8 %.
+       (paper: ≈ 22 % vs 6-7 %, rank ≈ 85 vs 20, both train ≈ 2e-4; the short run trains slower here.)
+  e5 (seed 0):  η = 0.13 constant: train 6.07e-06, test 7.96e-04, rank 26, dedup 32.3 % (paper: 1.354e-05, 6.098e-04).
+       η = 0.455 DIVERGES for seed 0 by iteration 57 (13 of seeds 0-15): with a = 0 at init, the output layer is
+       unstable once η·‖ReLU(W1 x)‖² > 1 for some training x, which depends on the draw (the paper's η sits at the edge
+       of divergence for its own draw, as in E1). The 3 surviving seeds are much sparser (dedup 13-15 % vs 34 %, rank
+       10-12 vs 26.5) but their test loss is not lower (median 1.2e-03 / 8.1e-03 / 7.7e-03 vs 1.3e-03 constant), so
+       the paper's "decay at 50 % -> 10× lower test loss" is NOT reproduced with our generator.
+  e6 (seed 5):  test 0.066 (η = 0.011 const) -> 0.0185 / 0.0107 / 0.0081 (decay at 10 / 30 / 50 %); dedup density
+       layer 1: 43 -> 31 / 31 / 27 %, layer 2: 52 -> 44 / 42 / 36 %; rank 147 -> 143 / 143 / 138 (paper: test
+       ≈ 0.061 -> 0.021). 8 seeds (0-7), medians: test 0.045 -> 0.0146 / 0.0099 / 0.0083.
+Runtime (wall, paper seeds, 2-core CPU shared with other jobs): e4 13-16 s, e5 6-9 s, e6 13-26 s, i.e. under a minute
+for all three; 8 seeds of e6 take ~2 min. An SGD step costs ~15-30 µs (manual backprop in numpy); over half of the
+time goes into rewriting the JSON log after each of the 249 evaluations (utils.RunLog), the rest into the 249
+Jacobian ranks (SVDs) per run.
 
 Preset vs flags: a preset sets every knob; any explicit flag overrides that knob for all runs of the preset. The
 per-run flags (--lr, --decay-frac, --decay, --warmup-factor, --warmup-power) take one value (applied to every run) or
 one value per run; giving them a different count redefines the run list, and every per-run flag must then have 1 or
-that many values (else a one-line error). Flags a preset does not use (e.g. --n-train with e4) are rejected. Runs with
+that many values (else a one-line error). A constant run is T = 1, d = 1, F = 1 (e.g. --lr 0.13 --decay-frac 1
+--decay 1). Flags a preset does not use (e.g. --n-train with e4) are rejected. Runs with
 any override other than --seeds / --out-dir are logged as experiment '<preset>_custom' (e.g. e5_custom), so that
 their figures never mix with the paper configuration.
 """
@@ -202,7 +222,8 @@ def forward(layers, x):
 def sgd_step(layers, x, y, lr):
     """One in-place SGD step on the single example (x, y) for the loss (h(x) − y)² (plain MSE, SPEC §1.3).
 
-    Backpropagation by hand: δ_L = 2η(h − y); ∂/∂W_l = δ_l a_{l−1}ᵀ, ∂/∂b_l = δ_l; δ_{l−1} = (W_lᵀ δ_l) ⊙ 1[a_{l−1} > 0].
+    Backpropagation by hand: δ_L = 2η(h − y); ∂/∂W_l = δ_l a_{l−1}ᵀ, ∂/∂b_l = δ_l;
+    δ_{l−1} = (W_lᵀ δ_l) ⊙ 1[a_{l−1} > 0].
     δ_{l−1} is formed with the OLD W_l before W_l is updated, so all layers move simultaneously as in torch SGD.
     ReLU'(0) = 0, as in torch.
     """
@@ -271,19 +292,21 @@ def sparsity_metrics(hidden, tau):
     return metrics
 
 
-def mse(layers, x, y):
-    """Plain mean squared error (no ½) of the network on (x, y)."""
-    out, _ = forward(layers, x)
-    return float(np.mean((out - y) ** 2))
-
-
-def evaluate(layers, problem, cfg, model):
-    """All logged metrics of the current state; returns (metrics, finite)."""
+def losses(layers, problem):
+    """Plain mean squared errors (no ½, SPEC §1.3): train_loss, and test_loss where there is a test set (not E4);
+    also returns the hidden activations on the training inputs, and whether every loss is finite."""
     out, hidden = forward(layers, problem["x_train"])
     metrics = {"train_loss": float(np.mean((out - problem["y_train"]) ** 2))}
     if problem["x_test"] is not None:
-        metrics["test_loss"] = mse(layers, problem["x_test"], problem["y_test"])
-    if not all(math.isfinite(v) for v in metrics.values()):
+        out_test, _ = forward(layers, problem["x_test"])
+        metrics["test_loss"] = float(np.mean((out_test - problem["y_test"]) ** 2))
+    return metrics, hidden, all(math.isfinite(v) for v in metrics.values())
+
+
+def evaluate(layers, problem, cfg, model):
+    """All logged metrics of the current state; returns (metrics, finite). Non-finite losses skip the rest."""
+    metrics, hidden, finite = losses(layers, problem)
+    if not finite:
         return metrics, False
     load_weights(model, layers)
     jacobian = utils.model_jacobian(model, torch.from_numpy(problem["rank_x"]))
@@ -352,11 +375,9 @@ def train_run(preset, cfg, run, seed, problem, log, progress):
                 if not finite:
                     return "diverged", {"diverged_at": i}
             sgd_step(layers, xs[i], ys[i], lrs[i])
-        extra = {"after_last_step": {"iter": n_iters, "train_loss": mse(layers, problem["x_train"],
-                                                                        problem["y_train"])}}
-        if problem["x_test"] is not None:
-            extra["after_last_step"]["test_loss"] = mse(layers, problem["x_test"], problem["y_test"])
-        if not all(math.isfinite(v) for v in extra["after_last_step"].values()):
+        final_losses, _, finite = losses(layers, problem)
+        extra = {"after_last_step": {"iter": n_iters, **final_losses}}
+        if not finite:
             return "diverged", {"diverged_at": n_iters, **extra}
     if preset == "e4":
         values, _ = forward(layers, problem["grid"])
@@ -400,30 +421,34 @@ def build_parser():
                         help="experiment of SPEC §3: e4 = 1-D regression, e5 = 2-layer teacher–student (d = 2), "
                              "e6 = 3-layer teacher–student")
     parser.add_argument("--out-dir", default=os.path.join("runs", SCRIPT), help="folder for the JSON run logs")
-    parser.add_argument("--n-evals", type=n_evals_type, default=DEFAULT_EVALS,
+    parser.add_argument("--n-evals", type=n_evals_type, metavar="K", default=DEFAULT_EVALS,
                         help="K: evaluate at round(linspace(0, N, K))[:-1], before that iteration's update")
     add = parser.add_argument
-    add("--seeds", nargs="+", type=utils.nonnegative_int, default=sup,
+    add("--seeds", nargs="+", type=utils.nonnegative_int, default=sup, metavar="SEED",
         help=preset_help("seeds", "student init + SGD order seeds, one full set of runs per seed"))
-    add("--iterations", type=utils.positive_int, default=sup, help=preset_help("iterations", "N: SGD steps per run"))
-    add("--lr", nargs="+", type=utils.positive_float, default=sup,
+    add("--iterations", type=utils.positive_int, default=sup, metavar="N",
+        help=preset_help("iterations", "N: SGD steps per run"))
+    add("--lr", nargs="+", type=utils.positive_float, default=sup, metavar="ETA",
         help=preset_help("lr", "η: base step size, one value or one per run"))
-    add("--decay-frac", nargs="+", type=utils.fraction, default=sup,
+    add("--decay-frac", nargs="+", type=utils.fraction, default=sup, metavar="T",
         help=preset_help("decay_frac", "T: large-step fraction; decay after iteration ⌊T·N⌋, one or one per run"))
-    add("--decay", nargs="+", type=utils.positive_float, default=sup,
+    add("--decay", nargs="+", type=utils.positive_float, default=sup, metavar="D",
         help=preset_help("decay", "d: the step size is divided by d after ⌊T·N⌋ (1 = no decay), one or one per run"))
-    add("--warmup-factor", nargs="+", type=utils.positive_float, default=sup,
-        help=preset_help("warmup_factor", "F: warmup η·(1 + (F−1)(i/N)^p) for i ≤ ⌊T·N⌋ (1 = none), one or one per run"))
-    add("--warmup-power", nargs="+", type=utils.positive_float, default=sup,
+    add("--warmup-factor", nargs="+", type=utils.positive_float, default=sup, metavar="F",
+        help=preset_help("warmup_factor", "F: warmup η·(1 + (F−1)(i/N)^p) for i ≤ ⌊T·N⌋ (1 = none), one or one per "
+                                          "run"))
+    add("--warmup-power", nargs="+", type=utils.positive_float, default=sup, metavar="P",
         help=preset_help("warmup_power", "p: warmup power, one or one per run"))
     add("--data-seed", type=utils.nonnegative_int, default=sup,
         help=preset_help("data_seed", "seed of the teacher and the data (not used by e4)"))
-    add("--input-dim", type=utils.positive_int, default=sup, help=preset_help("input_dim", "d: input dimension"))
-    add("--n-train", type=utils.positive_int, default=sup, help=preset_help("n_train", "n: training points"))
+    add("--input-dim", type=utils.positive_int, default=sup, metavar="D",
+        help=preset_help("input_dim", "d: input dimension"))
+    add("--n-train", type=utils.positive_int, default=sup, metavar="N",
+        help=preset_help("n_train", "n: training points"))
     add("--n-test", type=utils.positive_int, default=sup, help=preset_help("n_test", "test points"))
     add("--teacher-width", type=utils.positive_int, default=sup,
         help=preset_help("teacher_width", "teacher neurons per hidden layer"))
-    add("--width", type=utils.positive_int, default=sup,
+    add("--width", type=utils.positive_int, default=sup, metavar="M",
         help=preset_help("width", "m: student neurons per hidden layer"))
     add("--init-scale", type=utils.nonnegative_float, default=sup,
         help=preset_help("init_scale", "hidden-layer weights: N(0,1) times this (e4: |w_j|, random sign)"))
