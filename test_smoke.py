@@ -1198,6 +1198,7 @@ def test_relu_divergence_is_logged_and_other_runs_go_on(tmp_path):
     (["--preset", "e4", "--n-train", "5"], "--n-train"),
     (["--lr", "0.1", "0.2"], "--lr"),
     (["--n-test", "10"], "--n-test"),
+    (["--seeds", "1", "1"], "--seeds"),
     (["--out-dir", "/proc/forbidden"], "--out-dir"),
 ])
 def test_relu_bad_input_is_one_line_exit_2(args, flag, tmp_path, capsys):

@@ -485,6 +485,8 @@ def resolve_config(args):
         if key not in preset:
             utils.usage_error(flag_name(key), f"not used by --preset {args.preset}")
     cfg = {**preset, **given, "n_evals": args.n_evals}
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]):  # a repeated seed would overwrite its own logs
+        utils.usage_error("--seeds", f"repeated seed in {' '.join(map(str, cfg['seeds']))}")
     if args.preset != "e4":
         # SPEC §1.2: by default the rank uses p = #params test points (60 for E5, 181 for E6)
         p = n_params(student_sizes(args.preset, cfg), student_biases(args.preset))
