@@ -179,19 +179,23 @@ def to_jsonable(value):
     return value
 
 
-def write_json_atomic(path, obj):
-    """Write `obj` as JSON to a temp file in the same folder, fsync it, then rename over `path`.
+def _encode_json(obj):
+    """Strict JSON text of `obj` (after to_jsonable); json.dumps uses the C encoder, json.dump a slow pure-Python one."""
+    return json.dumps(to_jsonable(obj), allow_nan=False, separators=(",", ":"))
 
-    A rename within one file system is atomic, so a reader (or a crash, or Ctrl-C) only ever sees the old complete
-    file or the new complete file, never a half-written one.
+
+def _write_text_atomic(path, text):
+    """Write `text` to a temp file in the same folder, then rename it over `path` (atomic within a file system).
+
+    A reader, a crash of the run or Ctrl-C only ever sees the old complete file or the new complete file. No fsync:
+    toy runs rewrite their logs hundreds of times a second and an fsync costs 5-10 ms; ext4 and similar file systems
+    flush a file's data before a rename that replaces another file, so even an OS crash leaves a complete version.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, allow_nan=False, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -199,12 +203,19 @@ def write_json_atomic(path, obj):
         raise
 
 
+def write_json_atomic(path, obj):
+    """Write `obj` as strict JSON (NaN/inf -> null) atomically: temp file + rename (see _write_text_atomic)."""
+    _write_text_atomic(path, _encode_json(obj))
+
+
 class RunLog:
     """One JSON log per run: script, config, env, status, history (one record per evaluation, with `iter`), final.
 
     The file is rewritten atomically after every `record`, so the log on disk is always valid JSON that contains
-    everything measured so far. Use as a context manager: Ctrl-C marks the run `interrupted`, any other exception
-    `failed` (with the error message), and both still save the log before the exception propagates.
+    everything measured so far. Each record is encoded once, when it is added, so a save costs little more than the
+    file write even for long histories. Use as a context manager: Ctrl-C marks the run `interrupted`, any other
+    exception `failed` (with the error message), and both still save the log before the exception propagates.
+    Add records with `record` (not by editing `data["history"]`, which is kept for reading).
     """
 
     def __init__(self, path, script, config, env=None, history=None, **extra):
@@ -213,6 +224,7 @@ class RunLog:
         history = list(history or [])
         self.data = {"script": script, "config": dict(config), "env": env or environment_info(),
                      "status": "running", "history": history, "final": history[-1] if history else None, **extra}
+        self._encoded_history = [_encode_json(record) for record in history]
         self.save()
 
     def record(self, **metrics):
@@ -221,6 +233,7 @@ class RunLog:
             raise ValueError("every history record needs an 'iter' key")
         self.data["history"].append(metrics)
         self.data["final"] = metrics
+        self._encoded_history.append(_encode_json(metrics))
         self.save()
 
     def finish(self, status="completed", **extra):
@@ -232,7 +245,10 @@ class RunLog:
         self.save()
 
     def save(self):
-        write_json_atomic(self.path, self.data)
+        """Rewrite the whole log atomically: the other keys, then the pre-encoded history and final record."""
+        rest = _encode_json({k: v for k, v in self.data.items() if k not in ("history", "final")})
+        final = self._encoded_history[-1] if self._encoded_history else "null"
+        _write_text_atomic(self.path, f'{rest[:-1]},"history":[{",".join(self._encoded_history)}],"final":{final}}}')
 
     def __enter__(self):
         return self
@@ -294,10 +310,15 @@ def format_seconds(seconds):
 # Metrics (SPEC §1)
 # ======================================================================================================================
 
-# Correlations are first computed in float32 (fast matrix products); any pair whose float32 |correlation| lies within
-# this margin of the threshold is recomputed in float64, so the kept set equals that of an exact float64 computation.
-_CORR_RECHECK_MARGIN = 1e-3
-_CORR_BLOCK = 1024  # columns per block of the upper-triangular correlation computation
+# Correlations are bounded and computed in float32 (fast matrix products) with proven error bounds; any pair whose
+# float32 |correlation| lies within the error margin of the threshold is recomputed in float64, so the kept set equals
+# that of an exact float64 computation (see duplicate_columns).
+_CORR_RECHECK_MARGIN = 1e-3  # smallest half-width of the band around τ that is decided in float64
+_CORR_BLOCK = 256  # columns per block of the upper-triangular correlation pass
+_CORR_HEAD_STRIDE = 8  # every 8th example forms the "head" sample whose correlations bound the full ones
+_SUM_CHUNK = 16  # float32 partial sums run over at most 16 rows (rounding error ≤ γ_16 ≈ 1e-6), then float64
+_FLOAT32_ROUNDOFF = 2.0 ** -24  # unit roundoff u of float32
+_MAX_COLUMN_ERROR = 1e-4  # columns whose float32 standardisation error bound exceeds this are standardised in float64
 
 
 def _as_activation_matrix(phi):
@@ -323,6 +344,49 @@ def _standardized_columns(x):
     return centred / torch.where(constant, torch.ones_like(norms), norms)
 
 
+def _gamma(n):
+    """γ_n = n·u/(1 − n·u): the classic bound on the relative rounding error of a float32 sum or dot product of
+    length n, whatever the summation order (Higham, Accuracy and Stability of Numerical Algorithms, §3.1)."""
+    return n * _FLOAT32_ROUNDOFF / (1 - n * _FLOAT32_ROUNDOFF)
+
+
+def _column_sums(x):
+    """Column sums of a float32 matrix, in float64: float32 partial sums over _SUM_CHUNK rows, added up in float64.
+
+    Error ≤ γ_16·Σ|x_i| + O(1e-16) per column, at float32 speed (a float64 reduction is ~6× slower on CPU).
+    """
+    whole = x.shape[0] - x.shape[0] % _SUM_CHUNK
+    partial = x[:whole].reshape(-1, _SUM_CHUNK, x.shape[1]).sum(dim=1)
+    return partial.double().sum(dim=0) + x[whole:].double().sum(dim=0)
+
+
+def _float32_standardized(x):
+    """Columns of x centred and scaled to unit norm in float32, with a proven bound on the error of each column.
+
+    Returns (z, eps) with ‖z_i − ẑ_i‖₂ ≤ eps_i, where ẑ_i is column i standardised exactly (all zero if constant, as in
+    _standardized_columns). Error budget (u = 2⁻²⁴, g = γ_16 + 2u, A_i = mean |x_i|, σ_i = std of column i): rounding x
+    to float32 and the chunked mean move every centred entry by ≤ g·A_i, i.e. the unit vector by ≤ 2g·A_i/σ_i; the
+    subtraction, the sum of squares and the scaling add ≤ 7u + γ_16. Hence eps_i = 3g·A_i/σ_i + 5u + g. Columns
+    where that exceeds _MAX_COLUMN_ERROR (nearly constant ones, A_i/σ_i ≳ 30) are standardised in float64 instead.
+    """
+    n_rows = x.shape[0]
+    constant = x.amax(dim=0) == x.amin(dim=0)  # exact zero variance, tested on the input's own dtype
+    x32 = x.float()
+    sums = _column_sums(x32)
+    abs_sums = sums if x32.min() >= 0 else _column_sums(x32.abs())  # ReLU outputs: Σ|x| = Σx
+    z = x32 - (sums / n_rows).float()
+    scale = _column_sums(z.square()).sqrt()  # ≈ ‖x_i − mean‖₂ = σ_i·√N
+    z.mul_(torch.where(constant, 0.0, 1.0 / scale).float())
+    g = _gamma(_SUM_CHUNK) + 2 * _FLOAT32_ROUNDOFF
+    eps = 3 * g * abs_sums / (math.sqrt(n_rows) * scale) + 5 * _FLOAT32_ROUNDOFF + g  # A_i/σ_i = Σ|x_i| / (√N·scale)
+    eps = torch.where(constant, 0.0, eps.nan_to_num(nan=math.inf))  # scale 0 on a non-constant column: float64 path
+    fragile = eps > _MAX_COLUMN_ERROR
+    if fragile.any():
+        z[:, fragile] = _standardized_columns(x[:, fragile]).float()
+        eps[fragile] = 2 * _FLOAT32_ROUNDOFF
+    return z, eps
+
+
 def duplicate_columns(x, corr_threshold):
     """Boolean mask of the columns that the greedy de-duplication of SPEC §1.1 (step 5) deletes.
 
@@ -330,33 +394,56 @@ def duplicate_columns(x, corr_threshold):
     visited every later column is still present, and every earlier column still present was kept, so it has no partner
     after it (in particular not i). Hence i is deleted exactly when |corr(i, j)| > τ for some j > i: threshold the
     strict upper triangle of the correlation matrix and reduce over rows. No loop over neurons.
-    Speed: correlations are computed block by block (upper triangle only) as float32 matrix products; pairs whose
-    float32 value lies within _CORR_RECHECK_MARGIN of τ are recomputed in float64, so the result is that of an exact
-    float64 computation.
+    Speed, exactly: with unit (standardised) columns z, corr(i, j) = ⟨z_i, z_j⟩ splits over a head sample S of the
+    examples (every 8th) and the rest R, so by Cauchy–Schwarz |corr(i, j)| ≤ |⟨z_i^S, z_j^S⟩| + ‖z_i^R‖·‖z_j^R‖. The
+    head products cost 1/8 of the full correlation matrix, and only pairs whose bound reaches τ (strongly correlated
+    neurons, few per column) get their full correlation computed. Everything runs in float32 with proven rounding
+    error bounds; pairs within that margin of τ are recomputed in float64, so the result is that of an exact float64
+    computation.
     """
-    n_cols = x.shape[1]
+    n_rows, n_cols = x.shape
     deleted = torch.zeros(n_cols, dtype=torch.bool, device=x.device)
     if n_cols < 2:
         return deleted
-    z64 = _standardized_columns(x)
-    z32 = z64.float()
-    lower, upper = corr_threshold - _CORR_RECHECK_MARGIN, corr_threshold + _CORR_RECHECK_MARGIN
-    ambiguous = []
-    for start in range(0, n_cols, _CORR_BLOCK):
-        stop = min(start + _CORR_BLOCK, n_cols)
-        # rows start:stop against columns start:, i.e. only pairs (i, j) with j >= start; keep j > i
-        corr = (z32[:, start:stop].T @ z32[:, start:]).abs().triu_(diagonal=1)
-        deleted[start:stop] |= (corr > upper).any(dim=1)
-        rows, cols = torch.nonzero((corr > lower) & (corr <= upper), as_tuple=True)
-        if rows.numel():
-            ambiguous.append(torch.stack([rows + start, cols + start], dim=1))
-    if ambiguous:
-        pairs = torch.cat(ambiguous)
-        pairs = pairs[~deleted[pairs[:, 0]]]  # rows already deleted by a clear partner need no recheck
-        for chunk in pairs.split(4096):  # bounded memory: N × 4096 float64 at a time
-            exact = (z64[:, chunk[:, 0]] * z64[:, chunk[:, 1]]).sum(dim=0).abs()
-            deleted[chunk[exact > corr_threshold, 0]] = True
+    z, eps = _float32_standardized(x)
+    err = eps.max().item()
+    # |float32 value − exact| ≤ γ_{N+2}(1 + err)² (products of rounded unit columns) + 2·err + err² (column errors)
+    margin = max(_CORR_RECHECK_MARGIN, _gamma(n_rows + 2) * (1 + err) ** 2 + 2 * err + err ** 2)
+    head = z[::_CORR_HEAD_STRIDE].contiguous()
+    # ‖z_i^R‖² = ‖z_i‖² − ‖z_i^S‖² with ‖z_i‖ ≤ 1 + eps_i (squares summed in float64)
+    rest = ((1 + eps) ** 2 - head.double().square().sum(dim=0)).clamp_(min=0).sqrt_().float()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # the bounds assume true float32 products (no TF32 on a GPU)
+    try:
+        pairs = []
+        for start in range(0, n_cols, _CORR_BLOCK):
+            clear, ambiguous = _duplicates_in_block(z, head, rest, start, corr_threshold - margin,
+                                                    corr_threshold + margin)
+            deleted[start:start + _CORR_BLOCK] |= clear
+            pairs.append(ambiguous)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    pairs = torch.cat(pairs)
+    pairs = pairs[~deleted[pairs[:, 0]]]  # rows already deleted by a clear partner need no recheck
+    for chunk in pairs.split(1024):  # bounded memory: N × 1024 float64 per side
+        exact = (_standardized_columns(x[:, chunk[:, 0]]) * _standardized_columns(x[:, chunk[:, 1]])).sum(dim=0)
+        deleted[chunk[exact.abs() > corr_threshold, 0]] = True
     return deleted
+
+
+def _duplicates_in_block(z, head, rest, start, lower, upper):
+    """Columns i of the block [start, start + _CORR_BLOCK) against all j > i: which i have a partner with float32
+    |corr| > upper, and the (i, j) pairs with lower < |corr| ≤ upper, to be decided in float64."""
+    stop = min(start + _CORR_BLOCK, z.shape[1])
+    # upper bound on |corr(i, j)| for j ≥ start; pairs j ≤ i only occur in the block's own (diagonal) square
+    bound = (head[:, start:stop].T @ head[:, start:]).abs_().addcmul_(rest[start:stop, None], rest[None, start:])
+    bound[:, :stop - start].triu_(diagonal=1)
+    candidate = bound > lower
+    partners = candidate.any(dim=0).nonzero().squeeze(1)  # columns (from start on) in at least one candidate pair
+    corr = (z[:, start:stop].T @ z[:, start + partners]).abs_()
+    candidate = candidate[:, partners]
+    rows, cols = torch.nonzero(candidate & (corr > lower) & (corr <= upper), as_tuple=True)
+    return (candidate & (corr > upper)).any(dim=1), torch.stack([rows + start, partners[cols] + start], dim=1)
 
 
 def feature_sparsity(phi, corr_threshold=0.95, max_neurons=None, seed=0):
@@ -396,10 +483,10 @@ def neuron_subset(n_cols, max_neurons, seed=0):
 
 def dedup_density(phi, corr_threshold):
     """De-duplicated density of an (already subsampled) N×M' activation matrix: SPEC §1.1 steps 3-6."""
-    positive = phi > 0
-    alive = positive.any(dim=0)
-    deleted = duplicate_columns(phi[:, alive], corr_threshold)
-    return positive[:, alive][:, ~deleted].sum().item() / phi.numel()
+    counts = (phi > 0).sum(dim=0)  # positive entries per column
+    alive = counts > 0
+    deleted = duplicate_columns(phi if alive.all() else phi[:, alive], corr_threshold)  # no copy when none is dead
+    return counts[alive][~deleted].sum().item() / phi.numel()
 
 
 class BlockActivations:
