@@ -1401,6 +1401,7 @@ def test_diag_net_presets_run_small_and_plot(tmp_path, preset, n_logs):
         if preset == "e3":
             assert np.array(log["surface"]["train_loss"]).shape == (100, 100)
             assert len(log["trajectory_2d"]["a"]) == 301 and log["surface"]["w_init"] == [0.0, 0.0]
+            assert log["end_state"]["support_size"] == 3
     figures = tmp_path / "figures"
     result = run_script("plots.py", "--logs", str(out), "--out", str(figures))
     assert result.returncode == 0, result.stderr
