@@ -1431,3 +1431,15 @@ def test_diag_net_bad_input_from_the_command_line(tmp_path):
     result = run_script("diag_net.py", "--out-dir", str(blocker / "sub"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--out-dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_sparsity_example_runs():
+    """The README's "measure feature sparsity in your own network" snippet, executed as written."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## Measure feature sparsity in your own network", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    result = run_script("-c", snippet)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["layer3", "layer4", "pooled"]
