@@ -45,8 +45,9 @@ Design notes:
   * Rank of φ(X) (SPEC §1.2): see JacobianRank — an exact reformulation, a certificate, and a deflation with a
     rigorous error band, so that SVDs are small (~0.4 ms per seed and evaluation instead of ~2.5 ms).
   * Every evaluation is recorded; the log file is rewritten atomically (utils.RunLog) at most every --log-interval
-    seconds during a run, and always at its end, on divergence, interruption or failure: one save costs ~0.35 ms,
-    which after each of the 348 evaluations of 16 seeds (~1.9 s per run) would cost as much as the training.
+    seconds during a run, and always at its end, on divergence, interruption or failure: one save costs 0.35 ms on
+    an idle machine, up to ~2 ms on a busy one, so saving after each of the 348 evaluations of 16 seeds costs as much
+    as the training or more (--preset e1 with 16 seeds, loaded machine: 55 s with --log-interval 0, 21 s with 2 s).
   * Each log of a run carries `seed_summary` (all seeds of that run: diverged fraction, medians of the others at the
     last evaluation), so figures and tables can quote it from any one log.
 """
@@ -54,6 +55,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 import time
 
 # All matrices here are small (≤ 1000×200): one BLAS thread is fastest, and multi-threaded OpenBLAS busy-waits badly
@@ -167,6 +169,7 @@ class JacobianRank:
     well-conditioned factors times the exact column scaling, the small, graded singular values come out to high
     relative accuracy — more accurately than from one SVD of T, whose absolute error (~1e-16·σ₁) is 10-50 % of the
     threshold itself: the two counts can differ by one where a singular value sits inside that noise.
+    Both need X_r of full column rank; with fewer rank points than d (--n-test < d) every state gets one SVD.
     """
 
     def __init__(self, x_rank, eps=RANK_EPS, margin=10.0, band=1e-3):
@@ -175,16 +178,22 @@ class JacobianRank:
         self.col_norms = np.linalg.norm(self.r_factor, axis=0)
         self.gram = self.r_factor.T @ self.r_factor  # = X_rᵀX_r
         singular = np.linalg.svd(self.r_factor, compute_uv=False)
-        # Certificate and deflation need σ_min(R[:, S]) ≥ σ_min(R) > 0: true only for a tall X_r of full column rank.
-        square = self.r_factor.shape[0] == self.r_factor.shape[1] and singular[-1] > 0
-        self.s_max, self.s_min = singular[0], (singular[-1] if square else 0.0)
-        self.coupling = (1 + self.s_max / self.s_min) / self.s_min if square else math.inf
+        self.s_max, self.s_min = singular[0], singular[-1]
+        # Certificate and deflation need σ_min(R[:, S]) ≥ σ_min(R) > 0 and a Cholesky of RᵀR: X_r must have full column
+        # rank, well conditioned (cond(R)² ≪ 1/ε_machine). Not so with fewer rank points than d (--n-test < d).
+        self.full_rank = self.r_factor.shape[0] == self.r_factor.shape[1] and self.s_min > 1e-6 * self.s_max
+        self.coupling = (1 + self.s_max / self.s_min) / self.s_min if self.full_rank else None
         self.svd_calls = 0  # evaluations the certificate could not decide (deflation or full SVD)
         self.full_svd_calls = 0  # of which the deflation could not decide either
 
     def __call__(self, u, v):
         """Ranks (int array, one per row of u and v)."""
         w = np.sqrt(u * u + v * v)
+        if not self.full_rank:  # no certificate, no deflation: one SVD of R·diag(w) per state
+            self.svd_calls += len(w)
+            self.full_svd_calls += len(w)
+            with _torch_single_thread():
+                return np.array([utils.jacobian_rank(self.r_factor * row, self.eps) for row in w], dtype=int)
         order = np.argsort(-w, axis=1)
         w_sorted = np.take_along_axis(w, order, axis=1)
         cols_sq = (w_sorted * self.col_norms[order]) ** 2
@@ -226,7 +235,7 @@ class JacobianRank:
         """#{σ(T) > ε·σ₁(T)} by deflation of the columns far above the threshold (class docstring)."""
         w_split = self.coupling * self.eps * self.s_max * w_sorted[0] / self.band
         split = int(np.sum(w_sorted >= w_split))
-        if 0 < split < len(w_sorted) and math.isfinite(self.coupling):
+        if 0 < split < len(w_sorted):
             # σ₁(T) lies between σ₁ of its first `top` columns and hypot(that, norm of the other columns)
             top = int(np.sum(w_sorted >= SIGMA_ONE_COLUMNS * w_sorted[0]))
             sigma_one = np.linalg.svd(triangle[:top, :top], compute_uv=False)[0]
@@ -530,6 +539,8 @@ def parse_args(argv=None):
         surface = preset.get("surface", False)
     if args.r > args.d:
         utils.usage_error("--r", f"the support size r = {args.r} must be at most d = {args.d}")
+    if len(set(args.seeds)) < len(args.seeds):  # two batch rows would write one log and count twice in seed_summary
+        utils.usage_error("--seeds", f"repeated seed in {' '.join(map(str, args.seeds))}")
     utils.prepare_out_dir(args.out_dir)
     return args, args.preset or "custom", runs, surface
 
@@ -561,26 +572,19 @@ def run_label(run):
 
 
 class ThrottledRunLog(utils.RunLog):
-    """utils.RunLog whose `record` saves the file at most every `interval` seconds; finish and errors always save.
+    """utils.RunLog that rewrites its file at most every `interval` seconds while the run is running; the first save
+    and every save after a status change (finish, divergence, Ctrl-C, error) always happen.
 
     Every evaluation is still recorded (RunLog.record); only the file rewrite inside it is skipped while the last
-    one is recent. Why: a save costs ~0.35 ms, i.e. ~1.9 s per run for 16 seeds × 348 evaluations, as much as the
-    training itself. Also measures the time spent saving (log key `timing`, printed summary).
+    one is recent (why: module docstring, design notes). Also measures the time spent saving (log key `timing`).
     """
 
     def __init__(self, path, script, config, interval, **extra):
-        self.interval, self.save_seconds, self.last_save, self.recording = interval, 0.0, -math.inf, False
+        self.interval, self.save_seconds, self.last_save = interval, 0.0, -math.inf
         super().__init__(path, script, config, **extra)
 
-    def record(self, **metrics):
-        self.recording = True
-        try:
-            super().record(**metrics)
-        finally:
-            self.recording = False
-
     def save(self):
-        if self.recording and time.monotonic() - self.last_save < self.interval:
+        if self.data["status"] == "running" and time.monotonic() - self.last_save < self.interval:
             return
         tick = time.monotonic()
         super().save()
@@ -648,7 +652,9 @@ def execute_run(args, experiment, run, data, rank_of, keep_trajectory):
             logs[row].record(iter=t, lr=float(lrs[t]), **_metrics_row(metrics, i))
 
     def on_diverge(row, t):
-        print(f"    seed {seeds[row]}: diverged (non-finite) at iteration {t}; the other seeds go on", flush=True)
+        who = "the run" if seeds[row] is None else f"seed {seeds[row]}"
+        others = "; the other seeds go on" if len(seeds) > 1 else ""
+        print(f"    {who}: diverged (non-finite) at iteration {t}{others}", flush=True)
         logs[row].finish("diverged", diverged_at=t)
 
     start, svd_calls = time.monotonic(), (rank_of.svd_calls, rank_of.full_svd_calls)
@@ -710,11 +716,11 @@ def print_summary(outcomes):
     for logs, _, seconds in outcomes:
         summary, timing = logs[0].data["seed_summary"], logs[0].data["timing"]
         med = summary["median_final"] or {}
-        fmt = lambda key, spec: format(med[key], spec) if key in med else "-"  # noqa: E731
+        cell = lambda key, width, spec: format(med[key], f"{width}{spec}") if key in med else "-".rjust(width)  # noqa
         diverged = f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
         last = "-" if summary["final_iter"] is None else summary["final_iter"]
-        print(f"{logs[0].data['run']:<34} {len(logs):>5} {diverged:>8} {last:>7} "
-              f"{fmt('train_loss', '11.4e')} {fmt('test_loss', '11.4e')} {fmt('l0', '6.0f')} {fmt('rank', '5.0f')} "
+        print(f"{logs[0].data['run']:<34} {len(logs):>5} {diverged:>8} {last:>7} {cell('train_loss', 11, '.4e')} "
+              f"{cell('test_loss', 11, '.4e')} {cell('l0', 6, '.0f')} {cell('rank', 5, '.0f')} "
               f"{utils.format_seconds(seconds):>6} {timing['log_save_s']:6.2f}s")
     print("(medians over the non-diverged seeds at the last evaluation point, before its update)")
 
@@ -733,4 +739,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # RunLog has marked the running logs `interrupted`; no traceback for a Ctrl-C
+        print("interrupted: the logs of the running run are marked 'interrupted'", file=sys.stderr)
+        raise SystemExit(130)  # the shell's code for Ctrl-C, so that a sweep loop stops too
