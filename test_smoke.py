@@ -1084,6 +1084,18 @@ def test_relu_sparsity_uses_row_normalised_features():
     assert two["feature_sparsity_layer2"] == pytest.approx(2 / 6)  # [[1, 0], [2, 0], [0, 0]]: 2 positive of 6
 
 
+def test_relu_losses_are_plain_mse_without_half():
+    # h(x) = 2·ReLU(x) − 1: train x = ±1, y = 0 -> errors 1, −1 -> MSE 1 (½·MSE would be 0.5); test x = 3, y = 2 -> 9
+    layers = [[np.array([[1.0]]), None], [np.array([[2.0]]), np.array([-1.0])]]
+    problem = {"x_train": np.array([[1.0], [-1.0]]), "y_train": np.zeros(2), "x_test": np.array([[3.0]]),
+               "y_test": np.array([2.0])}
+    metrics, hidden, finite = relu_toy.losses(layers, problem)
+    assert metrics == {"train_loss": 1.0, "test_loss": 9.0} and finite
+    np.testing.assert_array_equal(hidden[0], [[1.0], [0.0]])
+    no_test, _, _ = relu_toy.losses(layers, {**problem, "x_test": None})  # E4: test set = training set
+    assert no_test == {"train_loss": 1.0}
+
+
 def test_relu_eval_iterations_follow_round_linspace_convention():
     assert relu_toy.eval_iterations(10, 5).tolist() == [0, 2, 5, 8]  # round(linspace(0, 10, 5))[:-1]; 2.5 -> 2
     evals = relu_toy.eval_iterations(14126, 250)
@@ -1104,7 +1116,19 @@ def test_relu_teacher_student_data_shapes_and_seeding(preset, d, n, rank_points)
     assert problem["x_train"].shape == (n, d) and problem["x_test"].shape == (1000, d)
     assert problem["y_train"].shape == (n,) and problem["rank_x"].shape == (rank_points, d)
     np.testing.assert_allclose(np.linalg.norm(problem["x_test"], axis=1), 1.0)  # inputs on the unit sphere
-    np.testing.assert_allclose(problem["y_train"], relu_toy.forward(problem["teacher"], problem["x_train"])[0])
+    # the teacher of SPEC E5/E6, and its labels written out by hand (not through relu_toy.forward)
+    teacher, x = problem["teacher"], problem["x_train"]
+    assert [w.shape for w, _ in teacher] == {"e5": [(3, 2), (1, 3)], "e6": [(2, 5), (2, 2), (1, 2)]}[preset]
+    if preset == "e5":  # unit-norm neurons, no biases, output signs a*_j = ±1
+        (w, b1), (a, b2) = teacher
+        assert b1 is None and b2 is None and set(np.abs(a).ravel()) == {1.0}
+        np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0)
+        expected = np.maximum(x @ w.T, 0) @ a[0]
+    else:  # biases on every layer, PyTorch default U(±1/√fan_in)
+        (w1, b1), (w2, b2), (w3, b3) = teacher
+        assert all(np.abs(b).max() <= 1 / math.sqrt(w.shape[1]) for w, b in teacher)
+        expected = np.maximum(np.maximum(x @ w1.T + b1, 0) @ w2.T + b2, 0) @ w3[0] + b3[0]
+    np.testing.assert_allclose(problem["y_train"], expected, rtol=1e-12)
     again = relu_toy.make_problem(preset, cfg)
     np.testing.assert_array_equal(again["x_train"], problem["x_train"])
     other = relu_toy.make_problem(preset, {**cfg, "data_seed": cfg["data_seed"] + 1})
@@ -1454,6 +1478,26 @@ def test_diag_net_bad_input_from_the_command_line(tmp_path):
     result = run_script("diag_net.py", "--out-dir", str(blocker / "sub"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--out-dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["diag_net.py", "--iterations", "1000000", "--log-interval", "0"],
+                                     ["two_layer_relu.py", "--preset", "e6", "--iterations", "100000"]],
+                         ids=["diag_net", "two_layer_relu"])
+def test_toy_ctrl_c_marks_the_log_interrupted_without_traceback(tmp_path, command):
+    import signal
+    import time
+    # SIGINT back to its default in the child: a CI runner or `cmd &` may start us with it ignored
+    process = subprocess.Popen([sys.executable, *command, "--out-dir", str(tmp_path)], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not any(json.loads(path.read_text())["history"] for path in tmp_path.glob("*.json")):  # training started
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert [json.loads(path.read_text())["status"] for path in tmp_path.glob("*.json")] == ["interrupted"]
 
 
 def test_readme_sparsity_example_runs():

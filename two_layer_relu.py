@@ -49,9 +49,10 @@ compare medians over seeds (--seeds 0 1 2 ...):
        layer 1: 43 -> 31 / 31 / 27 %, layer 2: 52 -> 44 / 42 / 36 %; rank 147 -> 143 / 143 / 138 (paper: test
        ≈ 0.061 -> 0.021). 8 seeds (0-7), medians: test 0.045 -> 0.0146 / 0.0099 / 0.0083.
 Runtime (wall, paper seeds, 2-core CPU shared with other jobs): e4 13-16 s, e5 6-9 s, e6 13-26 s, i.e. under a minute
-for all three; 8 seeds of e6 take ~2 min. An SGD step costs ~15-30 µs (manual backprop in numpy); over half of the
-time goes into rewriting the JSON log after each of the 249 evaluations (utils.RunLog), the rest into the 249
-Jacobian ranks (SVDs) per run.
+for all three; 8 seeds of e6 take ~2 min. An SGD step costs ~15-30 µs (manual backprop in numpy), i.e. 0.2-0.5 s per
+run; most of the time goes into the 249 evaluations per run (~4-50 ms each): the Jacobian rank (per-example gradients
+and an SVD, 300×300 for e4) and the feature sparsity. Rewriting the JSON log after each evaluation (utils.RunLog)
+costs ~0.5 ms, ~0.1 s per run.
 
 Preset vs flags: a preset sets every knob; any explicit flag overrides that knob for all runs of the preset. The
 per-run flags (--lr, --decay-frac, --decay, --warmup-factor, --warmup-power) take one value (applied to every run) or
@@ -64,6 +65,7 @@ their figures never mix with the paper configuration.
 import argparse
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -589,4 +591,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # RunLog has marked the running log `interrupted`; no traceback for a Ctrl-C
+        print("interrupted: the log of the running run is marked 'interrupted'", file=sys.stderr)
+        raise SystemExit(130)  # the shell's code for Ctrl-C, so that a sweep loop stops too
