@@ -132,8 +132,9 @@ RELU_TOY_PANELS = {
 }
 
 
-def _relu_decay_line(ax, runs, color):
-    """Dashed vertical line at the run's last large-step iteration ⌊T·N⌋ (none for constant runs)."""
+def _toy_decay_line(ax, runs, color):
+    """Dashed vertical line at the run's last large-step iteration ⌊T·N⌋, logged by both toy scripts as
+    config.decay_iter (none for constant runs)."""
     decay_iter = runs[0]["config"].get("decay_iter")
     if decay_iter is not None:
         ax.axvline(decay_iter, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
@@ -174,7 +175,7 @@ def draw_relu_toy(experiment, logs, out_dir):
                 plot_metric(ax, runs, key, None, color=color, scale=100, linestyle=":", alpha=0.7)
             else:
                 plot_metric(ax, runs, key, label, color=color)
-            _relu_decay_line(ax, runs, color)
+            _toy_decay_line(ax, runs, color)
             ax.set_xlabel("iteration")
             if log_scale:
                 ax.set_yscale("log")
@@ -183,7 +184,7 @@ def draw_relu_toy(experiment, logs, out_dir):
                  fontsize=10)
     fig.tight_layout()
     written = [save_figure(fig, out_dir, experiment)]
-    if preset == "e5":
+    if preset == "e5" and logs[0]["config"]["input_dim"] == 2:  # the neuron picture is the input plane (d = 2)
         written.append(draw_neuron_movement(experiment, logs, out_dir))
     return written
 
@@ -256,11 +257,9 @@ def _diag_net_curves(experiment, logs, out_dir, name):
             # drawn (dotted, up to their divergence) when no seed of the run survived
             label = f"{label} [{len(runs) - len(kept)}/{len(runs)} diverged]"
         style = {} if kept else {"linestyle": ":"}
-        decay_iter = runs[0]["config"].get("decay_iter")
         for ax, (key, title, log_scale) in zip(axes, DIAG_NET_PANELS):
             plot_metric(ax, kept or runs, key, label, color=color, **style)
-            if decay_iter is not None:
-                ax.axvline(decay_iter, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+            _toy_decay_line(ax, runs, color)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
             if log_scale:

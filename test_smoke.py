@@ -1205,6 +1205,15 @@ def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
     assert {p.name for p in figures.glob("*.png")} == expected
 
 
+def test_relu_e5_neuron_figure_only_for_two_dimensional_inputs(tmp_path, monkeypatch):
+    import plots
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process main must not slow the other tests
+    relu_toy.main(["--preset", "e5", "--input-dim", "3", "--iterations", "20", "--n-evals", "3", "--lr", "0.1",
+                   "--decay-frac", "1", "--decay", "1", "--out-dir", str(tmp_path / "runs")])
+    written = plots.main(["--logs", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")])
+    assert [os.path.basename(path) for path in written] == ["e5_custom.png"]  # no 2-D neuron picture of 3-D weights
+
+
 def test_relu_divergence_is_logged_and_other_runs_go_on(tmp_path):
     result = run_script("two_layer_relu.py", "--preset", "e5", *RELU_TINY, "--lr", "0.1", "50", "--decay-frac", "1",
                         "--decay", "1", "--out-dir", str(tmp_path))
