@@ -1454,6 +1454,12 @@ def test_diag_net_presets_run_small_and_plot(tmp_path, preset, n_logs):
         log = assert_valid_log(path, "diag_net")
         assert log["experiment"] == preset and log["config"]["iterations"] == 300 and "seed_summary" in log
         assert {"train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balancedness", "lr"} <= set(log["final"])
+        cfg = log["config"]  # SPEC §2: η up to and including iteration ⌊T·N⌋, then η/d
+        decay_iter = None if cfg["decay_frac"] is None else math.floor(cfg["decay_frac"] * 300)
+        assert cfg["decay_iter"] == decay_iter
+        for record in log["history"]:
+            decayed = decay_iter is not None and record["iter"] > decay_iter
+            assert record["lr"] == pytest.approx(cfg["lr"] / cfg["decay_factor"] if decayed else cfg["lr"])
         if preset == "e3":
             assert np.array(log["surface"]["train_loss"]).shape == (100, 100)
             assert len(log["trajectory_2d"]["a"]) == 301 and log["surface"]["w_init"] == [0.0, 0.0]

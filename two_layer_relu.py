@@ -549,7 +549,7 @@ class Progress:
 
 
 def run_one(args, cfg, experiment, run, seed, problem, env):
-    """Train one (run, seed) into its own JSON log; returns (status, final record)."""
+    """Train one (run, seed) into its own JSON log; returns (label, status, final record)."""
     label = run_label(run)
     path = os.path.join(args.out_dir, f"{experiment}_{run_slug(run)}_seed{seed}.json")
     constant = run["decay"] == 1 and run["warmup_factor"] == 1
