@@ -1525,3 +1525,53 @@ def test_readme_sparsity_example_runs():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["layer3", "layer4", "pooled"]
+
+
+# ======================================================================================================================
+# benchmark.py: speed of the pipeline against the best achievable on the same machine (targets reported, not tested)
+# ======================================================================================================================
+
+BENCHMARK_KEYS = {"name", "ours", "baseline", "unit", "ratio", "target", "met", "details"}
+
+
+def test_benchmark_quick_writes_every_documented_record(tmp_path):
+    import benchmark
+
+    out = tmp_path / "bench.json"
+    result = run_script("benchmark.py", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())
+    assert [r["name"] for r in records] == list(benchmark.ITEMS)
+    for r in records:
+        assert set(r) == BENCHMARK_KEYS, r["name"]
+        assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("ours", "baseline", "ratio")), r
+        op, value = r["target"].split()
+        assert r["met"] is (r["ratio"] >= float(value) if op == ">=" else r["ratio"] <= float(value))
+        assert r["details"]["env"]["quick"] is True and r["details"]["env"]["data"].startswith("synthetic")
+    by_name = {r["name"]: r for r in records}
+    # the speed-ups are between identical results: the benchmark checks them and records that it did
+    assert by_name["sparsity_dedup"]["details"]["identical_output"] is True
+    assert by_name["sparsity_blocks"]["details"]["identical_densities"] is True
+    assert by_name["train_step"]["ratio"] == pytest.approx(by_name["train_step"]["ours"]
+                                                           / by_name["train_step"]["baseline"])
+    assert "train_step" in result.stdout and "wrote" in result.stdout  # the table is printed
+
+
+def test_benchmark_plain_greedy_reference_is_the_spec_definition():
+    """The reference of the sparsity item must compute SPEC §1.1 itself, or the comparison would be meaningless."""
+    import benchmark
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        phi = random_activation_matrix(rng)
+        tau = float(rng.choice([0.9, 0.95, 0.99]))
+        density, dedup, kept = benchmark.plain_greedy_sparsity(phi, tau)
+        assert (density, dedup) == pytest.approx(greedy_feature_sparsity(phi, tau), rel=1e-12, abs=0)
+        assert kept.sum() <= (phi > 0).any(axis=0).sum()
+
+
+@pytest.mark.parametrize("args, flag", [(["--only", "everything"], "--only"), (["--repeats", "0"], "--repeats"),
+                                        (["--data-dir", "/nonexistent"], "--data-dir")])
+def test_benchmark_bad_flags_are_one_line_errors(args, flag):
+    result = run_script("benchmark.py", *args)
+    assert result.returncode == 2 and flag in result.stderr and result.stderr.count("\n") == 1, result.stderr
