@@ -964,7 +964,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         [{k: v for k, v in r.items() if k not in strip} for r in logs[1]["history"]]
 
 
-def test_ctrl_c_checkpoints_and_marks_the_log_interrupted(tmp_path):
+@pytest.mark.parametrize("signal_name, exit_code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_checkpoints_and_marks_the_log_interrupted(signal_name, exit_code, tmp_path):
     import signal
     flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "256", "--epochs", "50", "--out-dir", str(tmp_path)]
     process = subprocess.Popen([sys.executable, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -972,9 +973,9 @@ def test_ctrl_c_checkpoints_and_marks_the_log_interrupted(tmp_path):
     for line in process.stdout:
         if line.startswith("iter") and not line.startswith("iter      0"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == exit_code
     log = json.load(open(only_log(tmp_path)))
     assert log["status"] == "interrupted"
     assert os.path.exists(only_log(tmp_path)[:-5] + ".pt")

@@ -769,7 +769,7 @@ class DeepNetRun:
         # sum of the mini-batch losses since the last evaluation, kept on the device (no host sync per step)
         self.window_loss, self.window_steps = torch.zeros((), device=device), 0
         self.elapsed_before, self.clock = 0.0, None  # wall time of the earlier parts of a resumed run
-        self.stop_requested = False
+        self.stop_requested = 0  # number of the signal (Ctrl-C, SIGTERM) that asked the run to stop; 0 = none
         config = {k: v for k, v in vars(args).items() if k != "resume"}
         config.update(n_train=n_train, n_test=data.test_images.shape[0], num_classes=data.num_classes,
                       steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
@@ -883,21 +883,23 @@ class DeepNetRun:
     # ---------------------------------------------------------------------------------------------- main loop ------
 
     def _request_stop(self, signum, frame):
-        """First Ctrl-C: finish the current step, checkpoint, mark the log interrupted. Second Ctrl-C: stop now."""
+        """First Ctrl-C (or SIGTERM, which job schedulers send before killing a job): finish the current step,
+        checkpoint, mark the log interrupted. A second one stops at once."""
         if self.stop_requested:
             raise KeyboardInterrupt
-        self.stop_requested = True
-        print("\nCtrl-C: stopping after this step (press again to abort at once)")
+        self.stop_requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to abort at once)", flush=True)
 
     def run(self):
-        """Train to the end (or to --stop-at-epoch / Ctrl-C / divergence); returns the final status."""
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        """Train to the end (or to --stop-at-epoch / Ctrl-C / SIGTERM / divergence); returns the final status."""
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.log:
                 status = self._loop()
                 self.log.finish(status)
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return status
 
     def _loop(self):
@@ -1050,7 +1052,7 @@ def run_deep_net(args, build_model, script, model_name, run_parts):
         return "completed"
     status = run.run()
     if run.stop_requested:
-        raise SystemExit(130)  # the shell convention for Ctrl-C, so that a sweep loop stops too
+        raise SystemExit(128 + run.stop_requested)  # shell convention (130 for Ctrl-C), so a sweep loop stops too
     return status
 
 
