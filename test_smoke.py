@@ -1323,6 +1323,28 @@ def test_diag_net_evaluation_points():
     assert list(diag_net.eval_iterations(5, 250)) == [0, 1, 2, 3, 4]
 
 
+def test_diag_net_and_relu_share_eval_iterations_by_hand():
+    # linspace(0, 10, 5) = [0, 2.5, 5, 7.5, 10] -> round half to even [0, 2, 5, 8, 10] -> drop the last
+    assert utils.eval_iterations(10, 5).tolist() == [0, 2, 5, 8]
+    assert utils.eval_iterations(10, 5, dense_prefix=3).tolist() == [0, 1, 2, 5, 8]  # ∪ {0, 1, 2}, 0 once
+    # linspace(0, 3, 5) = [0, .75, 1.5, 2.25, 3] -> [0, 1, 2, 2]: duplicates removed; the prefix stops below N = 3
+    assert utils.eval_iterations(3, 5, dense_prefix=10).tolist() == [0, 1, 2]
+    # linspace(0, 1, 4)[:-1] = [0, 1/3, 2/3] -> [0, 0, 1]: iteration 1 = N does not exist, so it is dropped
+    assert utils.eval_iterations(1, 4).tolist() == [0]
+
+
+def test_diag_net_and_relu_share_seed_summary_and_flag_names_by_hand():
+    finals = [{"iter": 90, "lr": 0.1, "train_loss": 1.0, "rank": 3}, {"iter": 40, "lr": 0.1, "train_loss": None},
+              {"iter": 90, "lr": 0.1, "train_loss": 4.0, "rank": 6}, {"iter": 90, "lr": 0.1, "train_loss": 2.0}]
+    summary = utils.seed_summary([7, 8, 9, 10], ["completed", "diverged", "completed", "completed"], finals)
+    # seed 8 diverged; medians over seeds 7, 9, 10: train median(1, 4, 2) = 2, rank only where logged: median(3, 6)
+    assert summary == {"seeds": [7, 8, 9, 10], "diverged_seeds": [8], "fraction_diverged": 0.25,
+                       "median_final": {"train_loss": 2.0, "rank": 4.5}, "final_iter": 90}
+    none_left = utils.seed_summary([None], ["diverged"], [{"iter": 3, "train_loss": None}])
+    assert none_left["median_final"] is None and none_left["final_iter"] is None and none_left["fraction_diverged"] == 1
+    assert utils.flag_name("decay_frac") == "--decay-frac" and utils.flag_name("n_train") == "--n-train"
+
+
 def test_diag_net_metrics_by_hand():
     # SPEC §1.3 on two states: β = u⊙v = [1, 1e-51, −1] and [1, 1e-49, −1]; ‖β‖₀ counts |β_i| > 1e-50
     data = {"X": np.eye(3)[:2], "y": np.array([1.0, 0.0]), "X_test": np.eye(3), "y_test": np.zeros(3)}

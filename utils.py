@@ -638,6 +638,50 @@ def deep_step_size(epoch, epochs, lr, schedule="piecewise", warmup_exp=1.0, larg
 
 
 # ======================================================================================================================
+# Toy-model helpers, shared by diag_net.py and two_layer_relu.py (SPEC E1–E6)
+# ======================================================================================================================
+
+
+def flag_name(dest):
+    """The command-line flag of an argparse destination, 'decay_frac' -> '--decay-frac' (to name it in errors)."""
+    return "--" + dest.replace("_", "-")
+
+
+def eval_iterations(n_iters, n_points, dense_prefix=0):
+    """Evaluation iterations of the toy experiments, sorted and unique: {0..dense_prefix−1} ∪ round(linspace(0, N,
+    K))[:-1] with N = n_iters, K = n_points (SPEC E1: the diagonal nets add every iteration below 100).
+
+    Metrics are taken BEFORE the update of each of these iterations, so the last one is the "final" point of SPEC E1.
+    np.round rounds halves to even (2.5 -> 2), like the authors' numpy. A point that rounds to N (only when K > N)
+    is dropped: there is no iteration N to evaluate before.
+    """
+    spread = np.round(np.linspace(0, n_iters, n_points)).astype(int)[:-1]
+    dense = np.arange(min(dense_prefix, n_iters))
+    evals = np.unique(np.concatenate([dense, spread]))
+    return evals[evals < n_iters]
+
+
+def seed_summary(seeds, statuses, finals):
+    """One run over its seeds (SPEC E1: the large-step runs sit at the edge of divergence, so compare over seeds):
+    which seeds diverged, and the median of every metric of the final records of the others.
+
+    seeds, statuses, finals: one entry per seed (a deterministic run has seeds [None]); finals are the logs' `final`
+    records (the last evaluation, before its update). Only 'completed' seeds enter the medians; `iter` and `lr` are
+    not metrics, and a metric some completed seed lacks (or logged as null) is taken over the seeds that have it.
+    Both toy scripts store the result as the `seed_summary` key of every log of the run.
+    """
+    done = [final for status, final in zip(statuses, finals) if status == "completed"]
+    diverged = [seed for seed, status in zip(seeds, statuses) if status == "diverged"]
+    medians = None
+    if done:
+        keys = [key for key in done[0] if key not in ("iter", "lr")]
+        values = {key: [final[key] for final in done if final.get(key) is not None] for key in keys}
+        medians = {key: float(np.median(found)) for key, found in values.items() if found}
+    return {"seeds": list(seeds), "diverged_seeds": diverged, "fraction_diverged": len(diverged) / len(seeds),
+            "median_final": medians, "final_iter": done[0]["iter"] if done else None}
+
+
+# ======================================================================================================================
 # Deep-net training (SPEC E7–E10), shared by train_resnet.py and train_densenet.py
 # ======================================================================================================================
 
