@@ -1098,8 +1098,7 @@ def test_relu_losses_are_plain_mse_without_half():
 
 
 def test_relu_eval_iterations_follow_round_linspace_convention():
-    assert relu_toy.eval_iterations(10, 5).tolist() == [0, 2, 5, 8]  # round(linspace(0, 10, 5))[:-1]; 2.5 -> 2
-    evals = relu_toy.eval_iterations(14126, 250)
+    evals = utils.eval_iterations(14126, 250)  # two_layer_relu.py: no dense prefix
     assert len(evals) == 249 and evals[-1] == 14069  # the "final" E5 numbers are measured here (SPEC E1 convention)
 
 
@@ -1154,12 +1153,13 @@ def test_relu_preset_overrides_name_the_experiment():
 
     assert experiment("--preset", "e6", "--seeds", "1", "2") == "e6"  # more seeds = still the paper's config
     assert experiment("--preset", "e6", "--iterations", "100") == "e6_custom"
+    assert experiment("--preset", "e6", "--eval-points", "100") == "e6_custom"
     cfg, _, given = relu_toy.resolve_config(relu_toy.build_parser().parse_args(["--preset", "e6", "--lr", "0.02"]))
     runs = relu_toy.expand_runs(cfg, given, "e6")
     assert [run["lr"] for run in runs] == [0.02] * 4 and [run["decay"] for run in runs] == [1.0, 3.5, 2.5, 5.0]
 
 
-RELU_TINY = ["--iterations", "200", "--n-evals", "8"]
+RELU_TINY = ["--iterations", "200", "--eval-points", "8"]
 
 
 @pytest.mark.parametrize("preset, n_runs, extra", [
@@ -1178,9 +1178,15 @@ def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
         log = assert_valid_log(path, "two_layer_relu")
         assert log["experiment"] == f"{preset}_custom" and path.name.startswith(f"{preset}_custom_")
         records = log["history"]
-        evals = relu_toy.eval_iterations(200, 8).tolist()
+        evals = utils.eval_iterations(200, 8).tolist()
         assert [r["iter"] for r in records] == evals[:len(records)]  # a diverged run stops at its first NaN
         cfg = log["config"]
+        # the keys diag_net.py writes too: run position in the preset, seconds, the run over its seeds
+        assert cfg["decay_frac"] == relu_toy.PRESETS[preset]["decay_frac"][log["run_index"]]
+        assert cfg["eval_points"] == 8 and "n_evals" not in cfg
+        assert set(log["timing"]) == {"train_s", "metrics_s", "callbacks_s", "total_s"}
+        assert log["timing"]["total_s"] >= log["timing"]["metrics_s"] > 0
+        assert log["seed_summary"]["seeds"] == [relu_toy.PRESETS[preset]["seeds"][0]]
         lrs = utils.toy_step_sizes(200, cfg["lr"], cfg["decay_frac"], cfg["decay"], cfg["warmup_factor"],
                                    cfg["warmup_power"])
         assert [r["lr"] for r in records] == pytest.approx(lrs[[r["iter"] for r in records]].tolist())
@@ -1195,7 +1201,7 @@ def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
         for key in ["train_loss", "rank", *layer_keys] + ([] if preset == "e4" else ["test_loss"]):
             assert final[key] is not None, key
         assert 0 <= final[layer_keys[1]] <= 1 and 0 < final["rank"] <= cfg["rank_points"]
-        assert log["after_last_step"]["iter"] == 200
+        assert log["after_training"]["iter"] == 200 and "after_last_step" not in log
         if preset == "e4":
             assert len(log["function_grid"]["y"]) == cfg["grid_points"]
         if preset == "e5":
@@ -1209,7 +1215,7 @@ def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
 def test_relu_e5_neuron_figure_only_for_two_dimensional_inputs(tmp_path, monkeypatch):
     import plots
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process main must not slow the other tests
-    relu_toy.main(["--preset", "e5", "--input-dim", "3", "--iterations", "20", "--n-evals", "3", "--lr", "0.1",
+    relu_toy.main(["--preset", "e5", "--input-dim", "3", "--iterations", "20", "--eval-points", "3", "--lr", "0.1",
                    "--decay-frac", "1", "--decay", "1", "--out-dir", str(tmp_path / "runs")])
     written = plots.main(["--logs", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")])
     assert [os.path.basename(path) for path in written] == ["e5_custom.png"]  # no 2-D neuron picture of 3-D weights
@@ -1217,11 +1223,25 @@ def test_relu_e5_neuron_figure_only_for_two_dimensional_inputs(tmp_path, monkeyp
 
 def test_relu_divergence_is_logged_and_other_runs_go_on(tmp_path):
     result = run_script("two_layer_relu.py", "--preset", "e5", *RELU_TINY, "--lr", "0.1", "50", "--decay-frac", "1",
-                        "--decay", "1", "--out-dir", str(tmp_path))
+                        "--decay", "1", "--seeds", "0", "1", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "DIVERGED" in result.stdout
-    statuses = {json.load(open(p))["run"]: json.load(open(p))["status"] for p in tmp_path.glob("*.json")}
-    assert statuses == {"η = 0.1, constant": "completed", "η = 50, constant": "diverged"}
+    logs = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*.json"))]
+    statuses = {(log["run"], log["seed"]): log["status"] for log in logs}
+    assert statuses == {("η = 0.1, constant", 0): "completed", ("η = 0.1, constant", 1): "completed",
+                        ("η = 50, constant", 0): "diverged", ("η = 50, constant", 1): "diverged"}
+    # every log of a run carries the run over its seeds, with diag_net.py's structure (utils.seed_summary)
+    stable = [log for log in logs if log["run"] == "η = 0.1, constant"]
+    summary = stable[0]["seed_summary"]
+    assert summary == stable[1]["seed_summary"] and summary["seeds"] == [0, 1] and summary["diverged_seeds"] == []
+    assert summary["fraction_diverged"] == 0 and summary["final_iter"] == 171  # round(200·6/7)
+    assert summary["median_final"]["test_loss"] == pytest.approx(np.mean([log["final"]["test_loss"] for log in stable]))
+    blown = next(log for log in logs if log["run"] == "η = 50, constant")["seed_summary"]
+    assert blown["fraction_diverged"] == 1 and blown["median_final"] is None and blown["diverged_seeds"] == [0, 1]
+    # ... and the printed per-run table after the per-seed one
+    per_run = result.stdout.split("Per run over 2 seeds")[1].splitlines()[1:]
+    assert "η = 0.1, constant" in per_run[0] and "diverged 0/2" in per_run[0] and "test " in per_run[0]
+    assert "η = 50, constant" in per_run[1] and "diverged 2/2" in per_run[1] and "every seed diverged" in per_run[1]
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -13,9 +13,10 @@ What is computed (SPEC §1, §2, E4–E6):
   * SGD with batch size 1 on the plain mean squared error (no ½): θ ← θ − η_i ∇θ (h_θ(x_j) − y_j)², j drawn
     uniformly. Step sizes η_i from utils.toy_step_sizes: η until iteration ⌊T·N⌋ (optionally warmed up as
     η·(1 + (F − 1)(i/N)^p)), then divided by d.
-  * Evaluations at iterations round(linspace(0, N, K))[:-1] with K = --n-evals = 250 (as in SPEC E1), each BEFORE
-    that iteration's update; the printed "final" numbers are those of the last evaluation (SPEC E1 convention).
-    The state after all N steps is stored separately under the top-level log key `after_last_step`.
+  * Evaluations at iterations round(linspace(0, N, K))[:-1] with K = --eval-points = 250 (as in SPEC E1; shared
+    with diag_net.py as utils.eval_iterations), each BEFORE that iteration's update; the printed "final" numbers are
+    those of the last evaluation (SPEC E1 convention). The losses after all N steps are stored separately under the
+    top-level log key `after_training` (as in diag_net.py).
   * Logged per evaluation: iter, lr (the step size of that iteration), train_loss, test_loss (E5/E6; E4 has test =
     train so it logs train_loss only), rank (SPEC §1.2: utils.model_jacobian + utils.jacobian_rank, ε = 1e-4, on 300
     evenly spaced points of [min x, max x] for E4 and on the first #params test points for E5/E6), and the feature
@@ -25,7 +26,11 @@ What is computed (SPEC §1, §2, E4–E6):
     feature_sparsity_dedup_layer2 (layer 2 = ReLU(W2 ReLU(W1 x + b1) + b2), normalised the same way).
   * Extra top-level log keys: `function_grid` (E4: the learned function after the last step on --grid-points points,
     plus the data) and `neurons` (E5: teacher directions and signs, student first-layer weights at init and after
-    the last step, student output weights after the last step).
+    the last step, student output weights after the last step). As in diag_net.py: `run_index` (the run's position
+    in the preset, which orders the figure legends), `timing` (seconds: total_s, and its parts train_s for the SGD
+    steps, metrics_s for the evaluations, callbacks_s for log writes and progress lines) and `seed_summary`
+    (utils.seed_summary over all seeds of the run: diverged seeds and fraction, medians of the other seeds' final
+    metrics), also printed at the end when several seeds ran.
 
 Randomness (the authors' generator code is not available, so the draw order below is ours; see "Expected results"):
   data: numpy legacy RandomState(--data-seed) draws the teacher, then X_train, then X_test (E5/E6; E4's data are fixed).
@@ -102,7 +107,7 @@ PRESETS = {
                tau=0.99, rank_eps=1e-4, rank_points=None),
 }
 
-DEFAULT_EVALS = 250  # K of SPEC E1: evaluations at round(linspace(0, N, K))[:-1]
+DEFAULT_EVAL_POINTS = 250  # K of SPEC E1: evaluations at round(linspace(0, N, K))[:-1]
 
 # Flags that do not change what is trained or measured; using them keeps the paper's experiment name.
 NEUTRAL_KEYS = ("seeds",)
@@ -322,11 +327,6 @@ def evaluate(layers, problem, cfg, model):
 # ======================================================================================================================
 
 
-def eval_iterations(n_iters, n_evals):
-    """round(linspace(0, N, K))[:-1], duplicates removed (SPEC E1 evaluation points)."""
-    return np.unique(np.round(np.linspace(0, n_iters, n_evals)).astype(int)[:-1])
-
-
 def run_label(run):
     """Human label of a run, e.g. 'η = 0.455, ÷2 at 10 %' or 'η = 0.04, warmup ×6 (p = 0.5), ÷3.5 at 10 %'."""
     if run["decay"] == 1 and run["warmup_factor"] == 1:
@@ -356,8 +356,10 @@ def neuron_positions(problem, init_layers, layers):
             "student_w_end": layers[0][0], "student_a_end": layers[-1][0][0]}
 
 
-def train_run(preset, cfg, run, seed, problem, log, progress):
-    """Batch-size-1 SGD for one run; records every evaluation into `log`. Returns (status, extra log keys)."""
+def train_run(preset, cfg, run, seed, problem, log, progress, timing):
+    """Batch-size-1 SGD for one run; records every evaluation into `log` and adds the seconds spent in the SGD steps,
+    the evaluations and the log writes/progress lines to timing["train_s"/"metrics_s"/"callbacks_s"].
+    Returns (status, extra log keys)."""
     rng = np.random.RandomState(seed)
     layers = init_student(preset, cfg, rng)
     init_layers = [[w.copy(), None if b is None else b.copy()] for w, b in layers]
@@ -367,18 +369,24 @@ def train_run(preset, cfg, run, seed, problem, log, progress):
     lrs = utils.toy_step_sizes(n_iters, run["lr"], run["decay_frac"], run["decay"], run["warmup_factor"],
                                run["warmup_power"])
     model = torch_model(layers)
-    evals = set(eval_iterations(n_iters, cfg["n_evals"]).tolist())
+    evals = utils.eval_iterations(n_iters, cfg["eval_points"]).tolist()  # starts at 0: segments cover every step
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected from the losses, not from warnings
-        for i in range(n_iters):
-            if i in evals:
-                metrics, finite = evaluate(layers, problem, cfg, model)
-                log.record(iter=i, lr=float(lrs[i]), **metrics)
-                progress(i, metrics)
-                if not finite:
-                    return "diverged", {"diverged_at": i}
-            sgd_step(layers, xs[i], ys[i], lrs[i])
+        for start, stop in zip(evals, evals[1:] + [n_iters]):
+            tick = time.monotonic()
+            metrics, finite = evaluate(layers, problem, cfg, model)
+            evaluated = time.monotonic()
+            log.record(iter=start, lr=float(lrs[start]), **metrics)
+            progress(start, metrics)
+            recorded = time.monotonic()
+            timing["metrics_s"] += evaluated - tick
+            timing["callbacks_s"] += recorded - evaluated
+            if not finite:
+                return "diverged", {"diverged_at": start}
+            for i in range(start, stop):
+                sgd_step(layers, xs[i], ys[i], lrs[i])
+            timing["train_s"] += time.monotonic() - recorded
         final_losses, _, finite = losses(layers, problem)
-        extra = {"after_last_step": {"iter": n_iters, **final_losses}}
+        extra = {"after_training": {"iter": n_iters, **final_losses}}
         if not finite:
             return "diverged", {"diverged_at": n_iters, **extra}
     if preset == "e4":
@@ -407,8 +415,8 @@ def preset_help(key, text):
     return f"{text} [default by preset: {'; '.join(values)}]"
 
 
-def n_evals_type(text):
-    """--n-evals: an integer >= 2 (K = 1 would give no evaluation at all)."""
+def eval_points_type(text):
+    """--eval-points: an integer >= 2 (K = 1 would give no evaluation at all)."""
     value = utils.positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
@@ -423,7 +431,7 @@ def build_parser():
                         help="experiment of SPEC §3: e4 = 1-D regression, e5 = 2-layer teacher–student (d = 2), "
                              "e6 = 3-layer teacher–student")
     parser.add_argument("--out-dir", default=os.path.join("runs", SCRIPT), help="folder for the JSON run logs")
-    parser.add_argument("--n-evals", type=n_evals_type, metavar="K", default=DEFAULT_EVALS,
+    parser.add_argument("--eval-points", type=eval_points_type, metavar="K", default=DEFAULT_EVAL_POINTS,
                         help="K: evaluate at round(linspace(0, N, K))[:-1], before that iteration's update")
     add = parser.add_argument
     add("--seeds", nargs="+", type=utils.nonnegative_int, default=sup, metavar="SEED",
@@ -471,22 +479,18 @@ def build_parser():
     return parser
 
 
-def flag_name(key):
-    return "--" + key.replace("_", "-")
-
-
 def resolve_config(args):
     """Preset values overridden by the explicitly given flags; rejects flags the preset does not use.
 
     Returns (config, experiment name, the explicitly given keys). The experiment is the preset's name (e4/e5/e6) when
     only --seeds/--out-dir were changed, else '<preset>_custom'.
     """
-    given = {k: v for k, v in vars(args).items() if k not in ("preset", "out_dir", "n_evals")}
+    given = {k: v for k, v in vars(args).items() if k not in ("preset", "out_dir", "eval_points")}
     preset = PRESETS[args.preset]
     for key in given:
         if key not in preset:
-            utils.usage_error(flag_name(key), f"not used by --preset {args.preset}")
-    cfg = {**preset, **given, "n_evals": args.n_evals}
+            utils.usage_error(utils.flag_name(key), f"not used by --preset {args.preset}")
+    cfg = {**preset, **given, "eval_points": args.eval_points}
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):  # a repeated seed would overwrite its own logs
         utils.usage_error("--seeds", f"repeated seed in {' '.join(map(str, cfg['seeds']))}")
     if args.preset != "e4":
@@ -497,7 +501,7 @@ def resolve_config(args):
         if cfg["rank_points"] > cfg["n_test"]:
             utils.usage_error(flag, f"the Jacobian rank needs {cfg['rank_points']} test points but --n-test is "
                                     f"{cfg['n_test']}")
-    custom = any(key not in NEUTRAL_KEYS for key in given) or args.n_evals != DEFAULT_EVALS
+    custom = any(key not in NEUTRAL_KEYS for key in given) or args.eval_points != DEFAULT_EVAL_POINTS
     return cfg, f"{args.preset}_custom" if custom else args.preset, given
 
 
@@ -508,10 +512,11 @@ def expand_runs(cfg, given, preset):
         count = len(cfg[key])
         if count not in (1, n_runs):
             # name the lists that fix the run count, and where they come from, so the fix is obvious
-            others = [f"{flag_name(k)}{'' if k in given else f' (from --preset {preset})'}" for k in RUN_KEYS
+            others = [f"{utils.flag_name(k)}{'' if k in given else f' (from --preset {preset})'}" for k in RUN_KEYS
                       if len(cfg[k]) == n_runs]
-            utils.usage_error(flag_name(key), f"{count} values, but {', '.join(others)} define {n_runs} runs; give "
-                                              f"1 or {n_runs} values, or give those flags {count} values too")
+            utils.usage_error(utils.flag_name(key), f"{count} values, but {', '.join(others)} define {n_runs} "
+                                                    f"runs; give 1 or {n_runs} values, or give those flags {count} "
+                                                    "values too")
     runs = [{key: cfg[key][i if len(cfg[key]) > 1 else 0] for key in RUN_KEYS} for i in range(n_runs)]
     slugs = [run_slug(run) for run in runs]
     for i, slug in enumerate(slugs):
@@ -548,8 +553,10 @@ class Progress:
             print(f"    iter {i}/{self.n_iters}  {format_metrics(metrics)}", flush=True)
 
 
-def run_one(args, cfg, experiment, run, seed, problem, env):
-    """Train one (run, seed) into its own JSON log; returns (label, status, final record)."""
+def run_one(args, cfg, experiment, run_index, run, seed, problem, env):
+    """Train one (run, seed) into its own JSON log; returns the finished utils.RunLog.
+
+    run_index (the run's position in the preset) is logged so that figure legends list the runs in preset order."""
     label = run_label(run)
     path = os.path.join(args.out_dir, f"{experiment}_{run_slug(run)}_seed{seed}.json")
     constant = run["decay"] == 1 and run["warmup_factor"] == 1
@@ -558,18 +565,49 @@ def run_one(args, cfg, experiment, run, seed, problem, env):
               "seed": seed, "decay_iter": None if constant else math.floor(run["decay_frac"] * cfg["iterations"]),
               "out_dir": args.out_dir}
     print(f"[seed {seed}] {label}", flush=True)
-    start = time.time()
-    with utils.RunLog(path, SCRIPT, config, env=env, experiment=experiment, run=label, seed=seed) as log:
-        status, extra = train_run(args.preset, cfg, run, seed, problem, log, Progress(cfg["iterations"]))
-        log.finish(status, wall_seconds=time.time() - start, **extra)
+    start = time.monotonic()
+    timing = {"train_s": 0.0, "metrics_s": 0.0, "callbacks_s": 0.0}  # the log key and parts of diag_net.py's
+    with utils.RunLog(path, SCRIPT, config, env=env, experiment=experiment, run=label, run_index=run_index,
+                      seed=seed) as log:
+        status, extra = train_run(args.preset, cfg, run, seed, problem, log, Progress(cfg["iterations"]), timing)
+        log.finish(status, timing=dict(timing, total_s=time.monotonic() - start), **extra)
     final = log.data["final"]
     if status == "diverged":
         print(f"    DIVERGED: non-finite loss by iteration {extra['diverged_at']}; log marked 'diverged', "
               f"continuing with the other runs", flush=True)
     else:
-        print(f"    done in {utils.format_seconds(time.time() - start)}; last evaluation (iter {final['iter']}): "
+        print(f"    done in {utils.format_seconds(time.monotonic() - start)}; last evaluation (iter {final['iter']}): "
               f"{format_metrics(final)}", flush=True)
-    return label, status, final
+    return log
+
+
+def attach_seed_summary(logs):
+    """utils.seed_summary of one run over its seeds, stored in every log of the run (key `seed_summary`, as in
+    diag_net.py); returns it."""
+    summary = utils.seed_summary([log.data["seed"] for log in logs], [log.data["status"] for log in logs],
+                                 [log.data["final"] for log in logs])
+    for log in logs:
+        log.finish(log.data["status"], seed_summary=summary)
+    return summary
+
+
+def print_summary(experiment, logs_by_seed, summaries, seconds):
+    """End-of-command tables: every (seed, run), then, when several seeds ran, each run over its seeds (SPEC E1: runs
+    at the edge of divergence are compared by the diverged fraction and the medians of the other seeds)."""
+    print(f"\nSummary of {experiment} (metrics at the last evaluation, before its update; "
+          f"total {utils.format_seconds(seconds)}):")
+    for logs in logs_by_seed:
+        for log in logs:
+            data = log.data
+            print(f"  seed {data['seed']:<3d} {data['run']:<46s} {data['status']:<9s} iter {data['final']['iter']:<6d} "
+                  f"{format_metrics(data['final'])}")
+    if len(logs_by_seed) < 2:
+        return
+    print(f"\nPer run over {len(logs_by_seed)} seeds (medians over the non-diverged seeds, at the last evaluation):")
+    for log, summary in zip(logs_by_seed[0], summaries):
+        diverged = f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
+        medians = format_metrics(summary["median_final"]) if summary["median_final"] else "every seed diverged"
+        print(f"  {log.data['run']:<46s} diverged {diverged:<6s} {medians}")
 
 
 def main(argv=None):
@@ -582,12 +620,12 @@ def main(argv=None):
     env = utils.environment_info("cpu")
     print(f"{experiment}: {len(runs)} run(s) × {len(cfg['seeds'])} seed(s), N = {cfg['iterations']} iterations, "
           f"logs in {args.out_dir}", flush=True)
-    started = time.time()
-    rows = [(seed, *run_one(args, cfg, experiment, run, seed, problem, env)) for seed in cfg["seeds"] for run in runs]
-    print(f"\nSummary of {experiment} (metrics at the last evaluation, before its update; "
-          f"total {utils.format_seconds(time.time() - started)}):")
-    for seed, label, status, final in rows:
-        print(f"  seed {seed:<3d} {label:<46s} {status:<9s} iter {final['iter']:<6d} {format_metrics(final)}")
+    started = time.monotonic()
+    # seeds outer, runs inner: all runs of one seed share its init and SGD order (module docstring)
+    logs_by_seed = [[run_one(args, cfg, experiment, index, run, seed, problem, env) for index, run in enumerate(runs)]
+                    for seed in cfg["seeds"]]
+    summaries = [attach_seed_summary(list(run_logs)) for run_logs in zip(*logs_by_seed)]
+    print_summary(experiment, logs_by_seed, summaries, time.monotonic() - started)
 
 
 if __name__ == "__main__":
