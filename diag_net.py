@@ -13,6 +13,7 @@ Commands (from the repository root; every run writes one JSON log per run and se
     python diag_net.py --preset e1 --seeds 1 2 3 4 5 6 7 8   # E1 over 8 seeds (vectorised: one process, one batch)
     python diag_net.py --preset e2                      # E2: GD vs SGD, n = 40, d = 100
     python diag_net.py --preset e3                      # E3: loss-surface picture data (grid + projected paths)
+    python diag_net.py --preset e1 --iterations 2000    # quick check, logged as experiment e1_custom (not e1)
     python plots.py --logs runs/diag_net --out figures  # figures e1.png, e2.png, e3.png (+ e3_metrics.png)
 
 Expected results (measured with this script; authors' numbers from SPEC E1 in brackets). Final = last evaluation
@@ -41,15 +42,17 @@ Design notes:
     and calling np.random.randint(n) once per step (SPEC E1). All seeds of a run advance together as the rows of
     (seeds × d) arrays; a seed whose state becomes NaN/inf is logged as `diverged` (with `diverged_at`) and removed
     from the batch, so it is frozen and produces no overflow noise, while the other seeds go on.
-  * Metrics are computed BEFORE the update of each evaluation iteration {0..99} ∪ round(linspace(0, N, K))[:-1].
+  * Metrics are computed BEFORE the update of each evaluation iteration {0..99} ∪ round(linspace(0, N, K))[:-1]
+    (utils.eval_iterations, shared with two_layer_relu.py, which has no dense prefix).
   * Rank of φ(X) (SPEC §1.2): see JacobianRank — an exact reformulation, a certificate, and a deflation with a
     rigorous error band, so that SVDs are small (~0.4 ms per seed and evaluation instead of ~2.5 ms).
   * Every evaluation is recorded; the log file is rewritten atomically (utils.RunLog) at most every --log-interval
     seconds during a run, and always at its end, on divergence, interruption or failure: one save costs 0.35 ms on
     an idle machine, up to ~2 ms on a busy one, so saving after each of the 348 evaluations of 16 seeds costs as much
     as the training or more (--preset e1 with 16 seeds, loaded machine: 55 s with --log-interval 0, 21 s with 2 s).
-  * Each log of a run carries `seed_summary` (all seeds of that run: diverged fraction, medians of the others at the
-    last evaluation), so figures and tables can quote it from any one log.
+  * Each log of a run carries `seed_summary` (utils.seed_summary, the same in two_layer_relu.py: all seeds of that
+    run, diverged fraction, medians of the others at the last evaluation), so figures and tables can quote it from
+    any one log, and `run_index` (the run's position in the preset), which orders the figure legends.
 """
 import argparse
 import contextlib
@@ -83,45 +86,47 @@ METRIC_KEYS = ("train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balanc
 # ======================================================================================================================
 
 
-def _run(algorithm, lr, decay_frac=None, decay_factor=None, seeds=None, role=None):
-    """One run of a preset: algorithm, step size η, optional single decay ÷decay_factor after ⌊T·N⌋."""
-    return {"algorithm": algorithm, "lr": lr, "decay_frac": decay_frac, "decay_factor": decay_factor,
+def _run(algorithm, lr, decay_frac=None, decay=None, seeds=None, role=None):
+    """One run of a preset: algorithm, step size η, optional single decay ÷decay after ⌊T·N⌋."""
+    return {"algorithm": algorithm, "lr": lr, "decay_frac": decay_frac, "decay": decay,
             "seeds": seeds, "role": role}
 
 
 PRESETS = {
     # SPEC E1: main-text figure; the decayed runs are at the edge of divergence (compare over seeds).
-    "e1": {"shared": {"n": 80, "d": 200, "r": 20, "iterations": 100001},
+    "e1": {"shared": {"n_train": 80, "d": 200, "r": 20, "iterations": 100001},
            "runs": [_run("sgd", 0.25), _run("sgd", 0.282, 0.1, 4.8), _run("sgd", 0.282, 0.3, 3.4),
                     _run("sgd", 0.282, 0.5, 1.5)]},
     # SPEC E2: large-step GD stays dense, large-step SGD finds a sparse β. The paper's SGD run (η = 0.272) diverges
     # for 14 of seeds 1-16 (seed 1 included), so its SGD runs use 16 seeds by default, and η = 0.26 (inside the
     # range [0.24, 0.272] SPEC E2 suggests sweeping; 2 of 16 seeds diverge) is added as a robust companion.
-    "e2": {"shared": {"n": 40, "d": 100, "r": 20, "iterations": 100001},
+    "e2": {"shared": {"n_train": 40, "d": 100, "r": 20, "iterations": 100001},
            "runs": [_run("gd", 2.0), _run("gd", 3.53, 0.1, 4.8), _run("gd", 3.53, 0.3, 3.4),
                     _run("gd", 3.53, 0.5, 1.5), _run("sgd", 0.272, 0.5, 20.0, seeds=list(range(1, 17))),
                     _run("sgd", 0.26, 0.5, 20.0, seeds=list(range(1, 17)))]},
     # SPEC E3: "÷3 at iteration 5000" of 10 001 = decay after ⌊0.5·10001⌋ = 5000; SGD uses seed 2.
-    "e3": {"shared": {"n": 20, "d": 30, "r": 3, "iterations": 10001},
+    "e3": {"shared": {"n_train": 20, "d": 30, "r": 3, "iterations": 10001},
            "runs": [_run("gd", 0.03, role="flow"), _run("gd", 3.0, 0.5, 3.0), _run("sgd", 0.6, 0.5, 3.0, seeds=[2])],
            "surface": True},
 }
-RUN_FLAGS = ("algorithm", "lr", "decay_frac", "decay_factor")
+RUN_FLAGS = ("algorithm", "lr", "decay_frac", "decay")
+# Flags that keep a preset's experiment name: more or other seeds, where the logs go, how often they are saved.
+NEUTRAL_FLAGS = {"preset", "seeds", "out_dir", "log_interval"}
 
 # ======================================================================================================================
 # Data (SPEC E1)
 # ======================================================================================================================
 
 
-def make_data(n, d, r, n_test, data_seed):
+def make_data(n_train, d, r, n_test, data_seed):
     """Noiseless sparse regression data of SPEC E1, drawn from the legacy numpy generator seeded with `data_seed`.
 
-    Order matters for reproducing the authors' numbers: X (n×d), then X_test (n_test×d), both standard Gaussian via
-    multivariate_normal, then θ* = randn(d) with θ*[r:] = 0, θ* = |θ*| / ‖θ*‖₂. A RandomState instance produces the
-    same stream as np.random.seed + the global functions, without touching global state.
+    Order matters for reproducing the authors' numbers: X (n_train×d), then X_test (n_test×d), both standard
+    Gaussian via multivariate_normal, then θ* = randn(d) with θ*[r:] = 0, θ* = |θ*| / ‖θ*‖₂. A RandomState instance
+    produces the same stream as np.random.seed + the global functions, without touching global state.
     """
     rng = np.random.RandomState(data_seed)
-    x_train = rng.multivariate_normal(np.zeros(d), np.eye(d), n)
+    x_train = rng.multivariate_normal(np.zeros(d), np.eye(d), n_train)
     x_test = rng.multivariate_normal(np.zeros(d), np.eye(d), n_test)
     theta = rng.randn(d)
     theta[r:] = 0
@@ -132,17 +137,6 @@ def make_data(n, d, r, n_test, data_seed):
 def sgd_indices(seeds, n, n_iters):
     """(seeds × N) sample indices: row k = RandomState(seed_k).randint(n, size=N) (SPEC E1)."""
     return np.stack([np.random.RandomState(seed).randint(n, size=n_iters) for seed in seeds])
-
-
-def eval_iterations(n_iters, n_points):
-    """Evaluation iterations {0..99} ∪ round(linspace(0, N, K))[:-1], sorted (SPEC E1).
-
-    Points that round to N (possible only when K > N) are dropped: there is no iteration N to evaluate before.
-    """
-    spread = np.round(np.linspace(0, n_iters, n_points)).astype(int)[:-1]
-    dense = np.arange(min(DENSE_EVALS, n_iters))
-    evals = np.unique(np.concatenate([dense, spread]))
-    return evals[evals < n_iters]
 
 # ======================================================================================================================
 # Metrics (SPEC §1.2, §1.3)
@@ -449,8 +443,8 @@ def _rounded(array, decimals=6):
 # Command line: flags, presets, validation
 # ======================================================================================================================
 
-DEFAULTS = {"preset": None, "n": 80, "d": 200, "r": 20, "n_test": 1000, "data_seed": 0, "init_scale": 0.1,
-            "algorithm": "sgd", "lr": 0.25, "decay_frac": None, "decay_factor": None, "iterations": 100001,
+DEFAULTS = {"preset": None, "n_train": 80, "d": 200, "r": 20, "n_test": 1000, "data_seed": 0, "init_scale": 0.1,
+            "algorithm": "sgd", "lr": 0.25, "decay_frac": None, "decay": None, "iterations": 100001,
             "eval_points": 250, "seeds": [1], "out_dir": os.path.join("runs", SCRIPT), "log_interval": 2.0}
 _UNSET = object()  # marks flags not given on the command line (argparse keeps pre-set namespace attributes)
 
@@ -460,14 +454,17 @@ EPILOG = """presets (SPEC.md):
       SGD: η=0.272 (paper) and η=0.26, ÷20 at 50 %, seeds 1-16 (most seeds diverge at η=0.272)
   e3  n=20 d=30 r=3, 10001 iterations, GD η=0.03 ("gradient flow"); GD η=3.0 ÷3 at 50 %; SGD (seed 2) η=0.6 ÷3 at
       50 %; stores the 100×100 loss grid on the plane through w_init, w*, w_flow and the projected trajectories
-with --preset, the data/size flags (--n --d --r --n-test --data-seed --init-scale --iterations --eval-points --seeds)
-override the preset for ALL its runs (e.g. a quick check: --preset e1 --iterations 2000), --seeds replaces the seeds
-of its SGD runs (GD is deterministic: one log, seed null); the per-run flags (--algorithm --lr --decay-frac
---decay-factor) are rejected with --preset. Without --preset the flags describe one custom run (experiment "custom").
+with --preset, the data/size flags (--n-train --d --r --n-test --data-seed --init-scale --iterations --eval-points)
+override the preset for ALL its runs, and the runs are then logged as experiment '<preset>_custom' (e.g. a quick
+check: --preset e1 --iterations 2000 -> e1_custom), so they never overwrite the paper configuration's logs and figure;
+--seeds replaces the seeds of its SGD runs (GD is deterministic: one log, seed null) and, like --out-dir and
+--log-interval, keeps the preset's name. The per-run flags (--algorithm --lr --decay-frac --decay) are rejected with
+--preset. Without --preset the flags describe one custom run (experiment "custom").
 logs: <out-dir>/<experiment>_<run>_seed<k>.json (GD runs: no _seed part), one record per evaluation with iter, lr,
-train_loss, test_loss, l0, l1, rank, uv_norm, balancedness; top-level seed_summary (all seeds of the run: diverged
-fraction, medians of the rest), after_training (metrics after all N steps), timing; e3 adds surface, trajectory_2d,
-end_state. Figures: python plots.py --logs <out-dir> --out figures
+train_loss, test_loss, l0, l1, rank, uv_norm, balancedness; top-level run_index (position of the run in the preset),
+seed_summary (all seeds of the run: diverged fraction, medians of the rest), after_training (metrics after all N
+steps), timing (seconds); e3 adds surface, trajectory_2d, end_state.
+Figures: python plots.py --logs <out-dir> --out figures
 """
 
 
@@ -476,7 +473,7 @@ def build_parser():
                                   formatter_class=_HelpFormatter)
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), help="run every run of a paper experiment (see below)")
-    add("--n", type=utils.positive_int, help="number of training points n")
+    add("--n-train", type=utils.positive_int, help="n: number of training points")
     add("--d", type=utils.positive_int, help="input dimension d")
     add("--r", type=utils.positive_int, help="support size r of the teacher θ* (r ≤ d)")
     add("--n-test", type=utils.positive_int,
@@ -486,8 +483,8 @@ def build_parser():
     add("--algorithm", choices=("sgd", "gd"), help="batch-1 SGD, or full-batch GD on the mean loss")
     add("--lr", type=utils.positive_float, help="step size η (before the decay)")
     add("--decay-frac", type=utils.fraction,
-        help="T: divide η by --decay-factor after iteration ⌊T·N⌋ (omit both for a constant step size)")
-    add("--decay-factor", type=utils.positive_float, help="decay divisor d (needs --decay-frac)")
+        help="T: divide η by --decay after iteration ⌊T·N⌋ (omit both for a constant step size)")
+    add("--decay", type=utils.positive_float, help="d: the step size is divided by d after ⌊T·N⌋ (needs --decay-frac)")
     add("--iterations", type=utils.positive_int, help="N, number of SGD/GD iterations")
     add("--eval-points", type=utils.positive_int,
         help="K: evaluate at {0..99} ∪ round(linspace(0, N, K))[:-1], before that iteration's update")
@@ -529,8 +526,8 @@ def parse_args(argv=None):
         preset = PRESETS[args.preset]
         for key in RUN_FLAGS:
             if key in given:
-                utils.usage_error(_flag(key), f"is set per run by --preset {args.preset}; drop --preset to run one "
-                                              "custom configuration")
+                utils.usage_error(utils.flag_name(key), f"is set per run by --preset {args.preset}; drop --preset "
+                                                        "to run one custom configuration")
         for key, value in preset["shared"].items():
             if key not in given:
                 setattr(args, key, value)
@@ -542,19 +539,24 @@ def parse_args(argv=None):
     if len(set(args.seeds)) < len(args.seeds):  # two batch rows would write one log and count twice in seed_summary
         utils.usage_error("--seeds", f"repeated seed in {' '.join(map(str, args.seeds))}")
     utils.prepare_out_dir(args.out_dir)
-    return args, args.preset or "custom", runs, surface
+    return args, experiment_name(args.preset, given), runs, surface
 
 
-def _flag(key):
-    return "--" + key.replace("_", "-")
+def experiment_name(preset, given):
+    """'custom' without a preset; the preset's name (e1/e2/e3) when only flags that change neither the training nor
+    the measurements were given; else '<preset>_custom', so that a quick check (--preset e1 --iterations 2000) never
+    overwrites the logs and figure of the paper configuration (the naming of two_layer_relu.py)."""
+    if preset is None:
+        return "custom"
+    return preset if given <= NEUTRAL_FLAGS else f"{preset}_custom"
 
 
 def _custom_run(args, given):
     """The single run described by the per-run flags (no preset)."""
-    if ("decay_frac" in given) != ("decay_factor" in given):
-        missing = "decay_factor" if "decay_frac" in given else "decay_frac"
-        utils.usage_error(_flag(missing), "--decay-frac and --decay-factor must be given together")
-    return _run(args.algorithm, args.lr, args.decay_frac, args.decay_factor, seeds=args.seeds)
+    if ("decay_frac" in given) != ("decay" in given):
+        missing = "decay" if "decay_frac" in given else "decay_frac"
+        utils.usage_error(utils.flag_name(missing), "--decay-frac and --decay must be given together")
+    return _run(args.algorithm, args.lr, args.decay_frac, args.decay, seeds=args.seeds)
 
 # ======================================================================================================================
 # Driver: logs, summaries
@@ -568,7 +570,7 @@ def run_label(run):
         return label + " (≈ gradient flow)"
     if run["decay_frac"] is None:
         return label + ", constant"
-    return label + f", ÷{run['decay_factor']:g} at {100 * run['decay_frac']:g} %"
+    return label + f", ÷{run['decay']:g} at {100 * run['decay_frac']:g} %"
 
 
 class ThrottledRunLog(utils.RunLog):
@@ -601,26 +603,12 @@ def _exit_if_running(log):
     return exit_callback
 
 
-def seed_summary(seeds, statuses, finals):
-    """Diverged fraction and the medians (over the non-diverged seeds) of the last evaluation's metrics."""
-    done = [final for status, final in zip(statuses, finals) if status == "completed"]
-    diverged = [seed for seed, status in zip(seeds, statuses) if status == "diverged"]
-    return {
-        "seeds": list(seeds),
-        "diverged_seeds": diverged,
-        "fraction_diverged": len(diverged) / len(seeds),
-        "median_final": {key: float(np.median([final[key] for final in done])) for key in METRIC_KEYS}
-        if done else None,
-        "final_iter": done[0]["iter"] if done else None,
-    }
-
-
 def run_config(args, run, seed, n_iters):
     """Every resolved setting of one run and seed, as stored in its log's `config`."""
     decay_iter = None if run["decay_frac"] is None else math.floor(run["decay_frac"] * n_iters)
-    return {"preset": args.preset, "n": args.n, "d": args.d, "r": args.r, "n_test": args.n_test,
+    return {"preset": args.preset, "n_train": args.n_train, "d": args.d, "r": args.r, "n_test": args.n_test,
             "data_seed": args.data_seed, "init_scale": args.init_scale, "algorithm": run["algorithm"],
-            "lr": run["lr"], "decay_frac": run["decay_frac"], "decay_factor": run["decay_factor"],
+            "lr": run["lr"], "decay_frac": run["decay_frac"], "decay": run["decay"],
             "decay_iter": decay_iter, "iterations": n_iters, "eval_points": args.eval_points, "seed": seed,
             "seeds": run["seeds"] if run["algorithm"] == "sgd" else None, "out_dir": args.out_dir,
             "log_interval": args.log_interval, "rank_points": min(2 * args.d, args.n_test), "rank_eps": RANK_EPS,
@@ -632,18 +620,21 @@ def _metrics_row(metrics, i):
     return {key: int(value[i]) if key in ("l0", "rank") else float(value[i]) for key, value in metrics.items()}
 
 
-def execute_run(args, experiment, run, data, rank_of, keep_trajectory):
-    """Train one run for all its seeds at once, writing one log per seed; returns (logs, train() result, seconds)."""
+def execute_run(args, experiment, run_index, run, data, rank_of, keep_trajectory):
+    """Train one run for all its seeds at once, writing one log per seed; returns (logs, train() result, seconds).
+
+    run_index (the run's position in its preset, 0 for a custom run) is logged so that figure legends list the runs
+    in preset order rather than in file-name order."""
     n_iters = args.iterations
     seeds = run["seeds"] if run["algorithm"] == "sgd" else [None]  # GD is deterministic: one row, seed null
     label = run_label(run)
-    lrs = utils.toy_step_sizes(n_iters, run["lr"], run["decay_frac"], run["decay_factor"] or 1.0)
-    slug = utils.run_slug(**{run["algorithm"]: True}, lr=run["lr"], div=run["decay_factor"], at=run["decay_frac"])
+    lrs = utils.toy_step_sizes(n_iters, run["lr"], run["decay_frac"], run["decay"] or 1.0)
+    slug = utils.run_slug(**{run["algorithm"]: True}, lr=run["lr"], div=run["decay"], at=run["decay_frac"])
     env = utils.environment_info("cpu")
     logs = [ThrottledRunLog(
         os.path.join(args.out_dir, f"{experiment}_{slug}" + ("" if seed is None else f"_seed{seed}") + ".json"),
         SCRIPT, run_config(args, run, seed, n_iters), args.log_interval, env=env, experiment=experiment, run=label,
-        seed=seed) for seed in seeds]
+        run_index=run_index, seed=seed) for seed in seeds]
     batch = "deterministic, one log (--seeds not used)" if seeds == [None] else f"{len(seeds)} seed(s)"
     print(f"run {label}: {batch}, {n_iters} iterations", flush=True)
 
@@ -661,11 +652,12 @@ def execute_run(args, experiment, run, data, rank_of, keep_trajectory):
     with contextlib.ExitStack() as stack:
         for log in logs:
             stack.push(_exit_if_running(log))
-        result = train(data, lrs, run["algorithm"], seeds, eval_iterations(n_iters, args.eval_points),
-                       args.init_scale, rank_of, on_eval, on_diverge, keep_trajectory)
+        evals = utils.eval_iterations(n_iters, args.eval_points, DENSE_EVALS)
+        result = train(data, lrs, run["algorithm"], seeds, evals, args.init_scale, rank_of, on_eval, on_diverge,
+                       keep_trajectory)
         seconds = time.monotonic() - start
         statuses = ["diverged" if log.data["status"] == "diverged" else "completed" for log in logs]
-        summary = seed_summary(seeds, statuses, [log.data["final"] for log in logs])
+        summary = utils.seed_summary(seeds, statuses, [log.data["final"] for log in logs])
         timing = dict(result["timing"], total_s=seconds, rank_svd_calls=rank_of.svd_calls - svd_calls[0],
                       rank_full_svd_calls=rank_of.full_svd_calls - svd_calls[1],
                       log_save_s=sum(log.save_seconds for log in logs))
@@ -727,10 +719,10 @@ def print_summary(outcomes):
 
 def main(argv=None):
     args, experiment, runs, surface = parse_args(argv)
-    data = make_data(args.n, args.d, args.r, args.n_test, args.data_seed)
+    data = make_data(args.n_train, args.d, args.r, args.n_test, args.data_seed)
     rank_of = JacobianRank(data["X_test"][:2 * args.d])
     start = time.monotonic()
-    outcomes = [execute_run(args, experiment, run, data, rank_of, surface) for run in runs]
+    outcomes = [execute_run(args, experiment, index, run, data, rank_of, surface) for index, run in enumerate(runs)]
     if surface:
         attach_surface(data, args, runs, outcomes)
     print_summary(outcomes)

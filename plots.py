@@ -267,7 +267,7 @@ def _diag_net_curves(experiment, logs, out_dir, name):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
     config = logs[0]["config"]
-    fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n']}, d = {config['d']}, r = {config['r']}; "
+    fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n_train']}, d = {config['d']}, r = {config['r']}; "
                  "dashed lines = decay points", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 3), 1, 1))  # room for the legend rows below the panels
     return save_figure(fig, out_dir, name)

@@ -1313,7 +1313,7 @@ def test_diag_net_e1_constant_run_reproduces_the_authors_numbers(tmp_path):
 
 
 def test_diag_net_data_generator_follows_spec_e1():
-    data = diag_net.make_data(n=80, d=200, r=20, n_test=1000, data_seed=0)
+    data = diag_net.make_data(n_train=80, d=200, r=20, n_test=1000, data_seed=0)
     assert data["X"].shape == (80, 200) and data["X_test"].shape == (1000, 200) and data["theta"].shape == (200,)
     theta = data["theta"]
     assert np.linalg.norm(theta) == pytest.approx(1.0, abs=1e-12)
@@ -1337,10 +1337,10 @@ def test_diag_net_sgd_indices_equal_reseeding_legacy_numpy_per_step():
 
 
 def test_diag_net_evaluation_points():
-    evals = diag_net.eval_iterations(100001, 250)
+    evals = utils.eval_iterations(100001, 250, diag_net.DENSE_EVALS)
     # 100 dense points + 249 spread points, iteration 0 counted once
     assert list(evals[:100]) == list(range(100)) and evals[-1] == 99599 and len(evals) == 348
-    assert list(diag_net.eval_iterations(5, 250)) == [0, 1, 2, 3, 4]
+    assert list(utils.eval_iterations(5, 250, diag_net.DENSE_EVALS)) == [0, 1, 2, 3, 4]
 
 
 def test_diag_net_and_relu_share_eval_iterations_by_hand():
@@ -1412,9 +1412,9 @@ def test_diag_net_gd_step_is_the_gradient_of_the_half_mse():
 
 
 def test_diag_net_vectorised_seeds_equal_single_seed_runs():
-    data = diag_net.make_data(n=20, d=30, r=3, n_test=100, data_seed=0)
+    data = diag_net.make_data(n_train=20, d=30, r=3, n_test=100, data_seed=0)
     rank_of = diag_net.JacobianRank(data["X_test"][:60])
-    lrs, evals = utils.toy_step_sizes(1500, 0.5, 0.5, 3.0), diag_net.eval_iterations(1500, 20)
+    lrs, evals = utils.toy_step_sizes(1500, 0.5, 0.5, 3.0), utils.eval_iterations(1500, 20, diag_net.DENSE_EVALS)
     batched, batched_result = _diag_net_histories(data, lrs, "sgd", [1, 2, 5], evals, rank_of)
     for row, seed in enumerate([1, 2, 5]):
         single, single_result = _diag_net_histories(data, lrs, "sgd", [seed], evals, rank_of)
@@ -1427,7 +1427,7 @@ def test_diag_net_vectorised_seeds_equal_single_seed_runs():
 
 def test_diag_net_one_diverging_seed_is_logged_and_the_others_go_on(tmp_path):
     # E2 data at the paper's SGD step size: seed 6 blows up at iteration 131, seed 10 survives (measured)
-    args = ["--n", "40", "--d", "100", "--lr", "0.272", "--decay-frac", "0.5", "--decay-factor", "20",
+    args = ["--n-train", "40", "--d", "100", "--lr", "0.272", "--decay-frac", "0.5", "--decay", "20",
             "--iterations", "1500", "--eval-points", "30", "--log-interval", "0", "--out-dir", str(tmp_path)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow/invalid-value warnings from the diverging row
@@ -1495,14 +1495,20 @@ def test_diag_net_presets_run_small_and_plot(tmp_path, preset, n_logs):
     assert len(paths) == n_logs  # one log per SGD run and seed, one per GD run (seed null); --seeds replaces E3's 2
     for path in paths:
         log = assert_valid_log(path, "diag_net")
-        assert log["experiment"] == preset and log["config"]["iterations"] == 300 and "seed_summary" in log
+        # --iterations changes the experiment: logged (and drawn) as e1_custom, never over the paper's e1
+        assert log["experiment"] == f"{preset}_custom" and path.name.startswith(f"{preset}_custom_")
+        assert log["config"]["iterations"] == 300 and "seed_summary" in log
         assert {"train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balancedness", "lr"} <= set(log["final"])
         cfg = log["config"]  # SPEC §2: η up to and including iteration ⌊T·N⌋, then η/d
+        preset_run = diag_net.PRESETS[preset]["runs"][log["run_index"]]  # run_index = position in the preset
+        assert (cfg["algorithm"], cfg["lr"], cfg["decay"]) == (preset_run["algorithm"], preset_run["lr"],
+                                                              preset_run["decay"])
+        assert cfg["n_train"] == diag_net.PRESETS[preset]["shared"]["n_train"] and "n" not in cfg
         decay_iter = None if cfg["decay_frac"] is None else math.floor(cfg["decay_frac"] * 300)
         assert cfg["decay_iter"] == decay_iter
         for record in log["history"]:
             decayed = decay_iter is not None and record["iter"] > decay_iter
-            assert record["lr"] == pytest.approx(cfg["lr"] / cfg["decay_factor"] if decayed else cfg["lr"])
+            assert record["lr"] == pytest.approx(cfg["lr"] / cfg["decay"] if decayed else cfg["lr"])
         if preset == "e3":
             assert np.array(log["surface"]["train_loss"]).shape == (100, 100)
             assert len(log["trajectory_2d"]["a"]) == 301 and log["surface"]["w_init"] == [0.0, 0.0]
@@ -1510,16 +1516,30 @@ def test_diag_net_presets_run_small_and_plot(tmp_path, preset, n_logs):
     figures = tmp_path / "figures"
     result = run_script("plots.py", "--logs", str(out), "--out", str(figures))
     assert result.returncode == 0, result.stderr
-    expected = {f"{preset}.png"} | ({"e3_metrics.png"} if preset == "e3" else set())
+    expected = {f"{preset}_custom.png"} | ({"e3_custom_metrics.png"} if preset == "e3" else set())
     assert {path.name for path in figures.glob("*.png")} == expected
+
+
+def test_diag_net_experiment_name_marks_changed_presets_custom(tmp_path):
+    def experiment(*argv):
+        return diag_net.parse_args([*argv, "--out-dir", str(tmp_path)])[1]
+
+    assert experiment() == "custom"
+    # seeds, where the logs go and how often they are saved change nothing that is trained or measured
+    assert experiment("--preset", "e1", "--seeds", "1", "2", "--log-interval", "0") == "e1"
+    assert experiment("--preset", "e1", "--iterations", "2000") == "e1_custom"
+    assert experiment("--preset", "e2", "--n-train", "30") == "e2_custom"
+    assert experiment("--preset", "e3", "--eval-points", "100") == "e3_custom"
 
 
 @pytest.mark.parametrize("args, flag", [
     (["--lr", "-0.1"], "--lr"),
-    (["--n", "0"], "--n"),
+    (["--n-train", "0"], "--n-train"),
     (["--preset", "e9"], "--preset"),
     (["--preset", "e1", "--lr", "0.3"], "--lr"),
-    (["--decay-frac", "0.5"], "--decay-factor"),
+    (["--preset", "e1", "--decay", "3"], "--decay"),
+    (["--decay-frac", "0.5"], "--decay"),
+    (["--decay", "2"], "--decay-frac"),
     (["--d", "10", "--r", "20"], "--r"),
     (["--seeds", "1", "2", "1"], "--seeds"),  # two rows would write one log and count twice in seed_summary
 ])
@@ -1527,7 +1547,7 @@ def test_diag_net_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, args, 
     with pytest.raises(SystemExit) as exit_info:
         diag_net.parse_args(args + ["--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and flag in err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"argument {flag}:" in err, err
 
 
 def test_diag_net_bad_input_from_the_command_line(tmp_path):
