@@ -24,11 +24,15 @@ import utils  # noqa: E402
 
 
 def runs_by_label(logs):
-    """{run label: [logs of its seeds]}, in the order the labels first appear (logs arrive sorted by path)."""
+    """{run label: [logs of its seeds]}, ordered by the logs' `run_index` (the run's position in its preset, written
+    by the toy scripts) so that legends follow the paper's run order, not file names (where 'lr0.282_div1.5' sorts
+    before 'lr0.282_div4.8'). Labels without a run_index (e.g. deep nets) keep the order they first appear in (logs
+    arrive sorted by path), after the indexed ones."""
     groups = collections.OrderedDict()
     for log in logs:
         groups.setdefault(log.get("run", "run"), []).append(log)
-    return groups
+    order = sorted(groups, key=lambda label: min(log.get("run_index", float("inf")) for log in groups[label]))
+    return collections.OrderedDict((label, groups[label]) for label in order)
 
 
 def metric_series(logs, metric, x_key="iter"):
@@ -140,6 +144,24 @@ def _toy_decay_line(ax, runs, color):
         ax.axvline(decay_iter, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
 
 
+# Line style of a run whose seeds ALL diverged (both toy drawers): dash-dot, with an × at the last finite evaluation.
+TOY_ALL_DIVERGED_STYLE = {"linestyle": "-.", "marker": "x", "markevery": [-1]}
+
+
+def _toy_seeds_to_draw(label, runs):
+    """How both toy drawers treat diverged seeds (SPEC E1: large-step runs sit at the edge of divergence): returns
+    (legend label, logs to draw, extra line style).
+
+    Diverged seeds stay out of the median and the min–max band (their blow-up would stretch the band over tens of
+    decades) and are counted in the label instead, '[3/16 diverged]'. A run whose seeds all diverged is drawn from
+    those seeds, up to their divergence, in TOY_ALL_DIVERGED_STYLE, so it cannot be mistaken for a surviving run.
+    """
+    kept = [log for log in runs if log["status"] != "diverged"]
+    if len(kept) < len(runs):
+        label = f"{label} [{len(runs) - len(kept)}/{len(runs)} diverged]"
+    return label, kept or runs, {} if kept else dict(TOY_ALL_DIVERGED_STYLE)
+
+
 def _relu_learned_function(ax, runs, label, color):
     """E4: the learned function on the stored grid (median over seeds, min–max band) with the 12 data points."""
     grids = [log["function_grid"] for log in runs if log.get("function_grid")]
@@ -160,21 +182,19 @@ def draw_relu_toy(experiment, logs, out_dir):
     fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.4), squeeze=False)
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
         color = f"C{color_index % 10}"
-        diverged = sum(log["status"] == "diverged" for log in runs)
-        if diverged:  # a diverged seed's curve stops at its NaN; say so, or an empty curve looks like a plotting bug
-            label = f"{label} [{diverged}/{len(runs)} diverged]"
+        label, drawn, style = _toy_seeds_to_draw(label, runs)
         for ax, (key, title, log_scale) in zip(axes.flat, panels):
             ax.set_title(title, fontsize=10)
             if key == "function":
-                _relu_learned_function(ax, runs, label, color)
+                _relu_learned_function(ax, drawn, label, color)
                 ax.set_xlabel("x")
                 continue
             if key.startswith("feature_sparsity"):
                 dedup_key = key.replace("feature_sparsity", "feature_sparsity_dedup")
-                plot_metric(ax, runs, dedup_key, label, color=color, scale=100)
-                plot_metric(ax, runs, key, None, color=color, scale=100, linestyle=":", alpha=0.7)
+                plot_metric(ax, drawn, dedup_key, label, color=color, scale=100, **style)
+                plot_metric(ax, drawn, key, None, color=color, scale=100, **dict(style, linestyle=":", alpha=0.7))
             else:
-                plot_metric(ax, runs, key, label, color=color)
+                plot_metric(ax, drawn, key, label, color=color, **style)
             _toy_decay_line(ax, runs, color)
             ax.set_xlabel("iteration")
             if log_scale:
@@ -251,14 +271,9 @@ def _diag_net_curves(experiment, logs, out_dir, name):
     fig, axes = plt.subplots(1, len(DIAG_NET_PANELS), figsize=(3.9 * len(DIAG_NET_PANELS), 3.4))
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
         color = f"C{color_index % 10}"
-        kept = [log for log in runs if log["status"] != "diverged"]
-        if len(kept) < len(runs):
-            # diverged seeds would pull the band up to their blow-up; they are counted in the label instead and only
-            # drawn (dotted, up to their divergence) when no seed of the run survived
-            label = f"{label} [{len(runs) - len(kept)}/{len(runs)} diverged]"
-        style = {} if kept else {"linestyle": ":"}
+        label, drawn, style = _toy_seeds_to_draw(label, runs)
         for ax, (key, title, log_scale) in zip(axes, DIAG_NET_PANELS):
-            plot_metric(ax, kept or runs, key, label, color=color, **style)
+            plot_metric(ax, drawn, key, label, color=color, **style)
             _toy_decay_line(ax, runs, color)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")

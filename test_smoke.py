@@ -1558,6 +1558,47 @@ def test_diag_net_bad_input_from_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_plots_runs_by_label_follows_run_index_and_keeps_file_order_without_it():
+    import plots
+    logs = [{"run": name, "run_index": index} for name, index in [("c", 2), ("a", 0), ("c", 2), ("b", 1)]]
+    assert list(plots.runs_by_label(logs)) == ["a", "b", "c"]  # file order would give c, a, b
+    deep = [{"run": name} for name in ["z", "y", "z"]]  # deep-net logs have no run_index: order of appearance
+    groups = plots.runs_by_label(deep)
+    assert list(groups) == ["z", "y"] and len(groups["z"]) == 2
+
+
+def _toy_log(script, run, run_index, seed, status, train_losses, **config):
+    """A minimal toy run log with the keys the toy drawers read (one record per train-loss value, every 10 steps)."""
+    history = [{"iter": 10 * i, "lr": 0.1, "train_loss": loss, "test_loss": loss, "rank": 5, "l0": 5,
+                "feature_sparsity": 0.5, "feature_sparsity_dedup": 0.25} for i, loss in enumerate(train_losses)]
+    return {"script": script, "experiment": "x", "run": run, "run_index": run_index, "seed": seed, "status": status,
+            "config": {"decay_iter": None, **config}, "history": history, "final": history[-1]}
+
+
+@pytest.mark.parametrize("script, config", [("diag_net", {"n_train": 20, "d": 30, "r": 3}),
+                                            ("two_layer_relu", {"preset": "e5", "input_dim": 3})])
+def test_plots_toy_drawers_order_runs_and_treat_diverged_seeds_alike(script, config, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import plots
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    logs = [  # in file-name order run A (index 1) comes first; every seed of run B (index 0) diverged
+        _toy_log(script, "A", 1, 1, "completed", [1.0, 1e-3], **config),
+        _toy_log(script, "A", 1, 2, "diverged", [1.0, 1e30, None], **config),
+        _toy_log(script, "B", 0, 1, "diverged", [1.0, 1e20, None], **config),
+        _toy_log(script, "B", 0, 2, "diverged", [1.0, None], **config)]
+    plots.DRAWERS[script]("x", logs, str(tmp_path))
+    train_panel = figures[0].axes[0]
+    assert train_panel.get_legend_handles_labels()[1] == ["B [2/2 diverged] (2 seeds)", "A [1/2 diverged]"]
+    b_line, a_line = train_panel.get_lines()
+    assert b_line.get_linestyle() == "-." and b_line.get_marker() == "x"  # all diverged: drawn apart, × at the end
+    assert list(b_line.get_ydata()) == [1.0, 1e20]
+    # the diverged seed of A (1e30) is out of its median and band: one seed left, so the only band is B's
+    assert a_line.get_linestyle() == "-" and list(a_line.get_ydata()) == [1.0, 1e-3]
+    (band,) = train_panel.collections
+    assert max(path.vertices[:, 1].max() for path in band.get_paths()) == 1e20
+    plt.close("all")
+
 @pytest.mark.parametrize("command", [["diag_net.py", "--iterations", "1000000", "--log-interval", "0"],
                                      ["two_layer_relu.py", "--preset", "e6", "--iterations", "100000"]],
                          ids=["diag_net", "two_layer_relu"])
