@@ -30,6 +30,7 @@ Commands (from the repository root):
     python benchmark.py                       # full run, ~10 min on a 2-core CPU; table + benchmark.json
     python benchmark.py --quick               # small sizes, ~30 s: checks that everything runs (numbers are rough)
     python benchmark.py --only data_path sparsity_dedup --out /tmp/b.json
+    OMP_NUM_THREADS=1 python benchmark.py     # one thread for torch and numpy alike: steadier on a busy machine
 
 benchmark.json is a list of records {name, ours, baseline, unit, ratio, target, met, details}; `details` holds the
 absolute numbers, sizes, data set, load averages and the environment. Real CIFAR-10 is used when found (--data-dir,
@@ -151,9 +152,7 @@ def train_args(size, out_dir, device, extra=()):
 def new_run(args, data, device):
     """A utils.DeepNetRun exactly as train_resnet.py builds it (model, channels_last, backend flags, log)."""
     precision = utils._configure_backend(args, device)
-    model = train_resnet.ResNet18(data.num_classes, args.width).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = utils.apply_channels_last(args, train_resnet.ResNet18(data.num_classes, args.width).to(device), device)
     with quiet():
         return utils.DeepNetRun(args, model, data, "train_resnet", "benchmark", model.SPARSITY_BLOCKS,
                                 {"width": args.width}, device, precision)
@@ -462,12 +461,15 @@ def bench_seed_sweep(ctx):
 
 
 def dense_peak(size, device):
-    """Callables for the best dense float32 matrix products: torch.matmul (MKL/cuBLAS) and, on the CPU, a 1×1
-    channels_last convolution (a GEMM run by oneDNN, the library of the convolutions). Returns {name: (fn, flops)}."""
+    """Callables for the best dense float32 matrix products: torch.matmul (MKL/cuBLAS) and, on the CPU, numpy's matmul
+    (OpenBLAS) and a 1×1 channels_last convolution (a GEMM run by oneDNN, the convolutions' library).
+    Returns {name: (fn, flops)}."""
     n = size["peak_size"]
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"matmul": (lambda: a @ b, 2 * n ** 3)}
     if device.type == "cpu":
+        a64, b64 = a.numpy(), b.numpy()  # numpy's own BLAS (OpenBLAS), in case it beats torch's (MKL) here
+        kernels["numpy_matmul"] = (lambda: a64 @ b64, 2 * n ** 3)
         side = int(math.sqrt(n))  # a GEMM of (side² pixels) × n channels × n channels
         x = torch.randn(1, n, side, side).contiguous(memory_format=torch.channels_last)
         w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
@@ -545,7 +547,8 @@ def cpu_name():
 def environment(device, data_name, quick):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": str(device), "device_name": name, "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "date": datetime.date.today().isoformat(), "data": data_name,
             "quick": quick, "git_commit": utils.environment_info(device)["git_commit"]}
 
@@ -571,9 +574,6 @@ def build_parser():
                         help="timed repeats per item (default: 5, or 2 with --quick)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto = CUDA if available, else MPS, else CPU")
-    parser.add_argument("--threads", type=utils.positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice, one per core; 1 with --quick, since on a "
-                             "shared machine every multi-threaded small op waits for a busy core)")
     return parser
 
 
@@ -584,8 +584,8 @@ def main(argv=None):
     if args.data_dir is not None and find_cifar10(args.data_dir) is None:
         utils.usage_error("--data-dir", f"no cifar-10-batches-py/ with data_batch_1 in {args.data_dir!r}")
     device = utils.resolve_device(args.device)
-    if args.threads or args.quick:
-        torch.set_num_threads(args.threads or 1)
+    if args.quick:  # a smoke test: on a shared machine every multi-threaded small op would wait for a busy core
+        torch.set_num_threads(1)
     size = dict(QUICK if args.quick else FULL)
     if args.repeats is not None:
         size["repeats"] = args.repeats
@@ -596,7 +596,8 @@ def main(argv=None):
     load = os.getloadavg()[0]
     if device.type == "cpu" and torch.get_num_threads() > 1 and load > (os.cpu_count() or 1) - 0.5:
         print(f"note: the machine is busy (1-min load {load:.1f} on {os.cpu_count()} cores): every multi-threaded "
-              "torch op then waits for a busy core, so timings get slow and noisy; --threads 1 is steadier")
+              "op then waits for a busy core, so timings get slow and noisy; OMP_NUM_THREADS=1 (torch and numpy "
+              "on one thread each) gives steadier numbers")
     ctx = {"size": size, "device": device, "data": data, "data_name": data_name, "quick": args.quick}
     benches = {"train_step": bench_train_step, "data_path": bench_data_path,
                "sparsity_dedup": lambda c: bench_sparsity_dedup(c, "sparsity_dedup"),

@@ -3,6 +3,7 @@
 Run with `make test` (installs into .venv/ first) or `python -m pytest -q test_smoke.py`. No network, no GPU, no real
 data set needed: the tests generate tiny files in each real on-disk format.
 """
+import argparse
 import json
 import math
 import os
@@ -502,6 +503,24 @@ def test_deep_models_channels_last_matches_contiguous():
         assert torch.allclose(model(x_cl), reference, atol=1e-5, rtol=1e-4)
 
 
+def test_channels_last_falls_back_to_nchw_only_for_models_with_the_broken_onednn_conv(capsys):
+    """ResNet-18 at width 4 has 1×1 stride-2 shortcuts with 4 input channels (broken in oneDNN's channels_last CPU
+    backward on AVX2); width 8 and DenseNet (stride-1 1×1 convs) keep channels_last; CUDA never falls back."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cases = [(train_resnet.ResNet18(width=4), cpu, False), (train_resnet.ResNet18(width=8), cpu, True),
+             (train_densenet.DenseNetBC(depth=40), cpu, True), (train_resnet.ResNet18(width=4), cuda, True)]
+    for model, device, keeps in cases:
+        args = argparse.Namespace(channels_last=True)
+        model = utils.apply_channels_last(args, model, device)
+        assert args.channels_last is keeps
+        conv_weight = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight
+        assert conv_weight.is_contiguous(memory_format=torch.channels_last if keeps else torch.contiguous_format)
+    assert capsys.readouterr().out.count("note: running without channels_last") == 1
+    args = argparse.Namespace(channels_last=False)  # --no-channels-last leaves the model as it is
+    model = utils.apply_channels_last(args, train_resnet.ResNet18(width=8), cpu)
+    assert not model.stem[0].weight.is_contiguous(memory_format=torch.channels_last) and args.channels_last is False
+
+
 def test_deep_models_reject_impossible_architectures():
     for depth in (98, 4, 9):
         with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
@@ -928,8 +947,8 @@ def test_deep_net_script_runs_logs_and_plots(script, tmp_path):
     assert [p.suffix for p in figures.iterdir()] == [".png"]
 
 
-# Width 16 for 64×64 Tiny ImageNet images: torch 2.14's oneDNN CPU backward of a channels_last 1×1 stride-2 conv with
-# 4 or 8 input channels on 48-64 px maps segfaults (a torch bug; README troubleshooting). 16+ channels are fine.
+# Width 4 runs fall back to NCHW (utils.apply_channels_last); Tiny ImageNet at width 16 keeps the channels_last path
+# covered on 64×64 images.
 @pytest.mark.parametrize("dataset, fixture, width", [("cifar10", "fake_cifar10_dir", "4"),
                                                      ("cifar100", "fake_cifar100_dir", "4"),
                                                      ("tinyimagenet", "fake_tinyimagenet_dir", "16")])

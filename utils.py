@@ -812,6 +812,27 @@ def _configure_backend(args, device):
     return precision
 
 
+def _has_broken_onednn_conv(model):
+    """True if the model has a 1×1 strided convolution with 2-7 input channels: torch 2.14's oneDNN CPU backward of
+    such a conv in channels_last segfaults, hangs or returns wrong weight gradients on AVX2 CPUs (its AVX2 1×1 kernel;
+    reproduced on an AVX-512 machine with ONEDNN_MAX_CPU_ISA=AVX2: relative weight-gradient errors up to 1.0 against
+    the NCHW gradient, then a crash or a hang; 1 and 8+ input channels, and AVX-512 kernels, are exact). It appears at
+    tiny widths (ResNet-18 shortcuts at --width 2-7); DenseNet's 1×1 convolutions have stride 1."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+               and 2 <= m.in_channels <= 7 for m in model.modules())
+
+
+def apply_channels_last(args, model, device):
+    """Move the model to channels_last if --channels-last (measurably faster convolutions on CPU and GPU), except on
+    the CPU for models that hit the oneDNN bug above: then args.channels_last is set to False (so the logged config
+    and the input batches follow) with a note. Returns the model."""
+    if args.channels_last and device.type == "cpu" and _has_broken_onednn_conv(model):
+        print("note: running without channels_last: torch's CPU backward of a channels_last 1×1 strided conv with "
+              "2-7 input channels is broken (crashes or wrong gradients); use --width 8 or more for channels_last")
+        args.channels_last = False
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
 def schedule_label(args):
     """Human label of a run's step-size schedule, used as the run name in logs and plot legends."""
     if args.lr_schedule == "constant":
@@ -1119,9 +1140,7 @@ def run_deep_net(args, build_model, script, model_name, run_parts):
     prepare_out_dir(args.out_dir)
     seed_everything(args.seed)
     data = load_image_dataset(args.dataset, args.data_dir, args.download, args.n_train, device)
-    model = build_model(data.num_classes).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = apply_channels_last(args, build_model(data.num_classes).to(device), device)
     schedule = {"constant": {}, "piecewise": {"warm": args.warmup_exp, "T": args.large_lr_frac}}[args.lr_schedule]
     parts = {"lr": args.lr, args.lr_schedule: True, **schedule, "mom": args.momentum or None,
              "wd": args.weight_decay or None, "aug": args.augment, "ep": args.epochs, "bs": args.batch_size,
