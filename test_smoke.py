@@ -283,6 +283,19 @@ def test_argument_parser_errors_are_one_line_with_exit_code_2(capsys):
     assert capsys.readouterr().err.strip().endswith("argument --out-dir: cannot write")
 
 
+
+def test_help_shows_every_default_including_zero_but_not_none_or_false():
+    parser = utils.ArgumentParser(prog="prog")
+    parser.add_argument("--momentum", type=float, default=0.0, help="momentum")
+    parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument("--n-train", type=int, default=None, help="first N images")
+    parser.add_argument("--augment", action="store_true", help="crop and flip")
+    parser.add_argument("--eval-every", type=int, default=200, help="iterations (default: every 200)")
+    text = " ".join(parser.format_help().split())
+    assert "momentum (default: 0.0)" in text and "seed (default: 0)" in text
+    assert "first N images --augment" in text and "crop and flip" in text and "(default: None)" not in text
+    assert "(default: False)" not in text and text.count("default:") == 3
+
 def test_prepare_out_dir_rejects_unwritable_path(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -34,7 +34,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show each flag's default, except where the help text already explains it or there is none (None/False)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False):
+        if "default" in (action.help or "") or action.default is None or action.default is False:  # not 0 == False
             return action.help
         return super()._get_help_string(action)
 
