@@ -975,6 +975,21 @@ def test_deep_net_script_reads_each_on_disk_format(dataset, fixture, width, requ
     assert log["config"]["n_test"] > 0
 
 
+def test_run_clock_throughput_excludes_evaluation_time_also_during_an_evaluation(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: now[0])
+    clock = utils._RunClock()
+    clock.add_images(512)
+    now[0] += 2.0  # 2 s of training
+    clock.pause()
+    now[0] += 3.0  # 3 s into an evaluation: the logged throughput must not count them
+    assert clock.throughput() == 256.0
+    clock.resume()
+    now[0] += 2.0
+    clock.add_images(512)
+    assert clock.throughput() == 256.0 and clock.elapsed() == 7.0 and clock.eval_seconds == 3.0
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "128", "--epochs", "2", "--momentum", "0.9",
              "--augment", "--eval-every", "3"]

@@ -1096,7 +1096,7 @@ class _RunClock:
         now = time.perf_counter()
         self.eval_seconds += now - self.eval_start
         self.evals += 1
-        self.window_start = now
+        self.window_start, self.eval_start = now, None
 
     def add_images(self, n_images):
         self.images += n_images
@@ -1105,8 +1105,10 @@ class _RunClock:
         return time.perf_counter() - self.start
 
     def throughput(self):
-        """Training images per second so far (evaluation time excluded), or None before any training."""
-        seconds = self.train_seconds + (time.perf_counter() - self.window_start)
+        """Training images per second so far (evaluation time excluded, also while an evaluation is running), or None
+        before any training."""
+        running = time.perf_counter() - self.window_start if self.eval_start is None else 0.0
+        seconds = self.train_seconds + running
         return self.images / seconds if self.images and seconds > 0 else None
 
     def remaining_seconds(self, step, total_steps, eval_every, batch_images):
