@@ -516,6 +516,16 @@ def test_deep_models_channels_last_matches_contiguous():
         assert torch.allclose(model(x_cl), reference, atol=1e-5, rtol=1e-4)
 
 
+def test_eval_batch_size_default_depends_on_the_device_and_an_explicit_value_is_kept():
+    def resolved(device, *flags):
+        args = train_resnet.build_parser().parse_args(list(flags))
+        utils._configure_backend(args, torch.device(device))
+        return args.eval_batch_size
+
+    assert resolved("cpu") == 128 and resolved("cpu", "--eval-batch-size", "700") == 700
+    assert resolved("meta") == 512  # any accelerator (the CUDA-only settings are not touched for "meta")
+
+
 def test_channels_last_falls_back_to_nchw_only_for_models_with_the_broken_onednn_conv(capsys):
     """ResNet-18 at width 4 has 1×1 stride-2 shortcuts with 4 input channels (broken in oneDNN's channels_last CPU
     backward on AVX2); width 8 and DenseNet (stride-1 1×1 convs) keep channels_last; CUDA never falls back."""
@@ -918,11 +928,30 @@ def only_log(folder):
     return os.path.join(folder, logs[0])
 
 
-def test_block_activations_one_pass_equals_sparsity_of_each_full_block():
+def test_neuron_columns_are_nchw_columns_copied_in_any_memory_format():
+    torch.manual_seed(0)
+    values = torch.randn(5, 3, 4, 6)
+    subset = torch.tensor([71, 0, 24, 5, 48, 30])
+    expected = values.reshape(5, -1)[:, subset]  # NCHW flattening: column c·H·W + h·W + w
+    layouts = {"nchw": lambda: values.clone(),
+               "channels_last": lambda: values.contiguous(memory_format=torch.channels_last),
+               "strided": lambda: values.transpose(2, 3).contiguous().transpose(2, 3)}
+    for name, make in layouts.items():
+        output = make()
+        columns, everything = utils._neuron_columns(output, subset), utils._neuron_columns(output, None)
+        output.zero_()  # an in-place op of the model after the hook fired must not reach the kept copies
+        assert torch.equal(columns, expected), name
+        assert torch.equal(everything, values.reshape(5, -1)), name
+    pooled = torch.randn(7, 10)  # 2-D outputs (pooled features) too
+    assert torch.equal(utils._neuron_columns(pooled, torch.tensor([9, 2])), pooled[:, [9, 2]])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_block_activations_one_pass_equals_sparsity_of_each_full_block(memory_format):
     from train_resnet import ResNet18
     torch.manual_seed(0)
-    model = ResNet18(num_classes=10, width=4).eval()
-    images = torch.rand(40, 3, 32, 32)
+    model = ResNet18(num_classes=10, width=4).eval().to(memory_format=memory_format)
+    images = torch.rand(40, 3, 32, 32).contiguous(memory_format=memory_format)
     stats = utils.block_feature_sparsity(model, model.SPARSITY_BLOCKS, images.split(16), max_neurons=60, seed=5)
     for name, path in model.SPARSITY_BLOCKS.items():
         captured = []

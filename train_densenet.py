@@ -1,4 +1,33 @@
-"""DenseNet-BC-100-12 on CIFAR-10/100 and Tiny ImageNet with large-step SGD (SPEC E10); full docstring by the lead."""
+"""DenseNet-BC-100-12 on CIFAR-10/100 and Tiny ImageNet with large-step SGD: experiment E10 of SPEC.md.
+
+The paper's table checks that the effect seen with ResNet-18 (a longer large-step phase gives sparser features and a
+lower test error) holds for another architecture: DenseNet-BC, depth 100, growth rate 12, compression 0.5, trained with
+SGD, batch 256, and the same family of step-size schedules as E7 (SPEC §2). The paper's values are not available to us
+(SPEC E10): the deliverable is the capability and our own measured table.
+
+Commands (from the repository root; each run writes one JSON log and a checkpoint into --out-dir, default
+runs/train_densenet/; add --download the first time):
+
+    python train_densenet.py --dataset cifar10 --lr 0.75 --warmup-exp 1.05 --large-lr-frac 0.5   # also 0.1, 0.3
+    python train_densenet.py --dataset cifar10 --lr 0.01 --lr-schedule constant                  # small steps
+    python train_densenet.py --dataset cifar100 ...   /   --dataset tinyimagenet ...             # 64×64, 200 classes
+    python plots.py --logs runs/train_densenet --out figures    # figures/densenet100-12_<dataset>.png
+
+Expected results. Full size: a GPU job, not run by us yet (no GPU on the development machine). CPU-sized variant
+(measured; log in results/deep/): `--data-dir ../shared/data --depth 40 --n-train 5000 --epochs 10
+--sparsity-examples 1024` (DenseNet-BC-40-12, 176 122 parameters), seed 0: test error 52.7 %, de-duplicated density
+of blocks 1 / 2 / 3 / 4 = 48.0 / 46.2 / 23.2 / 86.6 %, 5 min 15 s on a 2-core x86-64 CPU (~190 training images/s; the
+10 000-image test set costs ~30 s per evaluation). DenseNet-BC-100 trains at ~25 images/s on that CPU: a GPU job.
+
+Design notes:
+  * The training loop, data, schedule, logs and checkpoints are utils.run_deep_net, shared with train_resnet.py; this
+    file holds the model, its defaults and its flags.
+  * Sparsity blocks: see DenseNetBC.SPARSITY_BLOCKS (the three dense stages after their BN-ReLU, and the pooled
+    features).
+  * The iteration-0 evaluation runs in eval mode with BatchNorm's initial running statistics (mean 0, variance 1),
+    through which the untrained network's activations grow with depth: its train loss reads ~22 at depth 40 and ~4e4
+    at depth 100. From the first periodic evaluation on, the running statistics are the trained ones.
+"""
 from collections import OrderedDict
 
 import torch

@@ -528,6 +528,20 @@ def _dedup_density(phi, counts, corr_threshold):
     return counts[alive][~deleted].sum().item() / (phi.shape[0] * counts.numel())
 
 
+def _neuron_columns(output, subset):
+    """A copy of the columns `subset` (all if None) of output flattened per example in NCHW order, i.e. one column
+    per channel×position (SPEC §1.1). A channels_last map is read in its own layout: flattening it in NCHW order
+    would first copy the whole map."""
+    n = output.shape[0]
+    if subset is None:
+        return output.reshape(n, -1).clone()
+    if output.dim() == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
+        channels, positions = output.shape[1], output.shape[2] * output.shape[3]
+        nhwc = output.permute(0, 2, 3, 1).reshape(n, -1)  # a view: NCHW column c·HW + p is NHWC column p·C + c
+        return nhwc[:, (subset % positions) * channels + subset // positions]
+    return output.reshape(n, -1)[:, subset]
+
+
 class BlockActivations:
     """Forward hooks that gather, for the feature sparsity metric, the outputs of named modules of ANY torch model.
 
@@ -560,16 +574,17 @@ class BlockActivations:
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            flat = output.detach().reshape(output.shape[0], -1)  # one column per channel×position (SPEC §1.1)
+            output = output.detach()
             if name not in self.subsets:
-                subset = neuron_subset(flat.shape[1], self.max_neurons, self.seed)
-                self.subsets[name] = None if subset is None else subset.to(flat.device)
+                subset = neuron_subset(output[0].numel(), self.max_neurons, self.seed)
+                self.subsets[name] = None if subset is None else subset.to(output.device)
                 self.positives[name], self.counts[name], self.kept[name] = 0, 0, []
-            self.positives[name] = self.positives[name] + (flat > 0).sum()  # stays on device: no sync per batch
-            self.counts[name] += flat.numel()
-            subset = self.subsets[name]
+            # count_nonzero of the mask: ~15× faster on CPU than (output > 0).sum(), which widens the bools to int64.
+            # Stays on the device: no host sync per batch.
+            self.positives[name] = self.positives[name] + torch.count_nonzero(output > 0)
+            self.counts[name] += output.numel()
             # a copy either way: a later in-place op of the model (e.g. ReLU(inplace=True)) must not alter it
-            self.kept[name].append(flat.clone() if subset is None else flat[:, subset])
+            self.kept[name].append(_neuron_columns(output, self.subsets[name]))
 
         return hook
 
@@ -763,8 +778,10 @@ def add_deep_net_arguments(parser, script, lr, warmup_exp):
                                  "loss/error (capped at the training-set size)")
     evaluation.add_argument("--sparsity-neurons", type=positive_int, default=1000,
                             help="neurons sampled per block for the de-duplicated sparsity (SPEC §1.1)")
-    evaluation.add_argument("--eval-batch-size", type=positive_int, default=512,
-                            help="images per forward pass during evaluation (lower it if memory is short)")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=None,
+                            help="images per forward pass during evaluation (default: 128 on CPU, where small "
+                                 "batches stay in cache and run ~2× faster than 512; 512 on GPU); lower it if "
+                                 "memory is short")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the initialisation, batches and augmentation")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -797,7 +814,10 @@ def check_deep_net_args(args):
 
 
 def _configure_backend(args, device):
-    """Apply --precision / --deterministic; returns the precision actually used (CPU always runs fp32)."""
+    """Apply --precision / --deterministic and resolve the device-dependent default of --eval-batch-size; returns the
+    precision actually used (CPU always runs fp32)."""
+    if args.eval_batch_size is None:  # measured on a 2-core CPU: width 16, 10 240 images in 1.9 s at 128, 3.8 s at 512
+        args.eval_batch_size = 128 if device.type == "cpu" else 512
     precision = args.precision if device.type == "cuda" else "fp32"
     if precision != args.precision:
         print(f"note: --precision {args.precision} applies to CUDA only; running fp32 on {device.type}")
@@ -892,7 +912,8 @@ class DeepNetRun:
             usage_error("--resume", f"no checkpoint at {self.checkpoint_path}; start the run without --resume "
                                     "(resume needs the same flags and --out-dir as the original run)")
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        ignored = {"resume", "stop_at_epoch", "device"}  # flags that may differ between the parts of a run
+        # flags that may differ between the parts of a run (evaluation never changes the training trajectory)
+        ignored = {"resume", "stop_at_epoch", "device", "eval_batch_size"}
         changed = [k for k, v in state["args"].items() if k not in ignored and vars(self.args).get(k) != v]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
