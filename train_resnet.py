@@ -26,7 +26,8 @@ results/resnet18_cifar10.png), `--data-dir ../shared/data --width 16 --n-train 1
     η0 = 0.75, w = 1.05, decay at T = 50 %   42.1 % / 11.0 % / 51.6 %
     The longer the large-step phase, the lower the test error and the sparser blocks 4 and 5, as in the paper.
 Runtime: each of these runs took 4.3-4.7 min on a 2-core x86-64 CPU (~1 150 training images/s at width 16,
-channels_last; evaluation every 2 epochs was ~15 % of the wall time). Full width on that CPU: ~60 images/s.
+channels_last; evaluation every 2 epochs was ~15 % of the wall time). Full width on that CPU: ~125 images/s
+(benchmark.py).
 
 Design notes:
   * Everything after the flags (data on the device as uint8, the SPEC §2 step size set before every step, one-pass
