@@ -378,7 +378,7 @@ def bench_sparsity_blocks(ctx):
     results = {}
 
     def batches():  # as DeepNetRun.evaluate feeds them: eval-size chunks converted on the device
-        return (utils.images_to_float(chunk, True) for chunk in images.split(512))
+        return (utils.images_to_float(chunk, True) for chunk in images.split(utils.default_eval_batch_size(device)))
 
     def ours():
         results["ours"] = utils.block_feature_sparsity(model, blocks, batches(), 0.95, 1000, 0)

@@ -20,14 +20,16 @@ Expected results (measured with this script; authors' numbers from SPEC E1 in br
 point, iteration 99 599, before its update (the authors' convention); medians over the non-diverged seeds.
     E1 η = 0.25 constant, seed 1: train 1.4216e-06 [1.4216e-06], test 3.5286e-03 [3.5286e-03], ‖β‖₀ 200 [200],
         rank 200; after all 100 001 steps (log key `after_training`) train 3.5597e-06, test 3.5672e-03 (as in SPEC).
-    E1 η = 0.282 decayed, seed 1 (edge of divergence: trajectories are machine-sensitive, compare over seeds):
-        ÷4.8 at 10 %: test 2.64e-04 [6.59e-04], ‖β‖₀ 173 [156]; ÷3.4 at 30 %: 2.74e-04 [2.85e-04], 91 [89];
-        ÷1.5 at 50 %: 1.80e-04 [1.54e-04], 71 [71].
+    The decayed and large-step runs below are chaotic (edge of divergence): exactly repeatable on one machine, but
+    another CPU's kernels (AVX2 vs AVX-512), or a seed run alone vs inside a batch of seeds, changes their digits.
+    Measured on an AMD EPYC (AVX-512), 2026-12-04:
+    E1 η = 0.282 decayed, seed 1 alone: ÷4.8 at 10 %: test 3.04e-03 [6.59e-04], ‖β‖₀ 150 [156]; ÷3.4 at 30 %:
+        3.00e-04 [2.85e-04], 95 [89]; ÷1.5 at 50 %: 2.82e-04 [1.54e-04], 69 [71].
     E1 over seeds 1-32 (`--seeds $(seq 1 32)`), diverged / test / ‖β‖₀ / rank: constant 0/32, 8.8e-03, 200, 200;
-        10 %: 7/32, 1.38e-04, 173, 115; 30 %: 12/32, 1.41e-04, 88, 69; 50 %: 14/32, 1.19e-04, 71, 61.
-        The later the decay, the sparser β (as in the paper); the median test loss improves only slightly (50 %).
+        10 %: 7/32, 1.42e-04, 170, 115; 30 %: 12/32, 1.87e-04, 88, 70; 50 %: 17/32, 1.56e-04, 71, 61.
+        The later the decay, the sparser β (as in the paper); the median test loss does not improve with it.
     E2 (seed 1 for GD, which is deterministic): GD η = 2 constant: test 0.168, ‖β‖₀ 100 (dense); GD η = 3.53 decayed at
-        10/30/50 %: test 0.459 / 0.483 / 0.466, ‖β‖₀ 86 / 80 / 78. SGD ÷20 at 50 %, seeds 1-16: η = 0.272 diverges for
+        10/30/50 %: test 0.491 / 0.439 / 0.471, ‖β‖₀ 86 / 79 / 78. SGD ÷20 at 50 %, seeds 1-16: η = 0.272 diverges for
         14/16 (median of the 2 others: test 0.042, ‖β‖₀ 38 [ref ≈ 0.0385, 33]); η = 0.26: 2/16 diverge, test 0.116,
         ‖β‖₀ 66.
     E3: GD η = 0.03 ends at train 4.9e-06 (w_flow); GD η = 3 ÷3: train 1.8e-10, test 0.126; SGD seed 2: test 4.9e-08,

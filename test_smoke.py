@@ -283,7 +283,6 @@ def test_argument_parser_errors_are_one_line_with_exit_code_2(capsys):
     assert capsys.readouterr().err.strip().endswith("argument --out-dir: cannot write")
 
 
-
 def test_help_shows_every_default_including_zero_but_not_none_or_false():
     parser = utils.ArgumentParser(prog="prog")
     parser.add_argument("--momentum", type=float, default=0.0, help="momentum")
@@ -295,6 +294,7 @@ def test_help_shows_every_default_including_zero_but_not_none_or_false():
     assert "momentum (default: 0.0)" in text and "seed (default: 0)" in text
     assert "first N images --augment" in text and "crop and flip" in text and "(default: None)" not in text
     assert "(default: False)" not in text and text.count("default:") == 3
+
 
 def test_prepare_out_dir_rejects_unwritable_path(tmp_path, capsys):
     blocker = tmp_path / "file"

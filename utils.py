@@ -813,11 +813,17 @@ def check_deep_net_args(args):
         usage_error("--stop-at-epoch", f"must be below --epochs ({args.epochs}), got {args.stop_at_epoch}")
 
 
+def default_eval_batch_size(device):
+    """Images per evaluation forward pass: 128 on CPU, where small batches stay in cache (measured on a 2-core CPU,
+    ResNet-18 width 16: 10 240 images in 1.9 s at 128, 3.8 s at 512), 512 on accelerators."""
+    return 128 if device.type == "cpu" else 512
+
+
 def _configure_backend(args, device):
     """Apply --precision / --deterministic and resolve the device-dependent default of --eval-batch-size; returns the
     precision actually used (CPU always runs fp32)."""
-    if args.eval_batch_size is None:  # measured on a 2-core CPU: width 16, 10 240 images in 1.9 s at 128, 3.8 s at 512
-        args.eval_batch_size = 128 if device.type == "cpu" else 512
+    if args.eval_batch_size is None:
+        args.eval_batch_size = default_eval_batch_size(device)
     precision = args.precision if device.type == "cuda" else "fp32"
     if precision != args.precision:
         print(f"note: --precision {args.precision} applies to CUDA only; running fp32 on {device.type}")
