@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest -q test_smoke.py
 
-# The paper's toy experiments end to end (SPEC E1-E6): about 5 minutes on 2 CPU cores, no data download, no GPU.
+# The paper's toy experiments end to end (SPEC E1-E6): about 2-5 minutes on 2 CPU cores, no data download, no GPU.
 # Several seeds per experiment: the large-step runs sit at the edge of divergence and depend on the draw (SPEC E1),
 # so the figures show the median over seeds with a min-max band and count the diverged seeds.
 demo: $(STAMP)

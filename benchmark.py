@@ -27,7 +27,7 @@ shared, noisy machine slows both sides alike. The 1-minute load average before a
 
 Commands (from the repository root):
 
-    python benchmark.py                       # full run, ~10 min on a 2-core CPU; table + benchmark.json
+    python benchmark.py                       # full run, 2-10 min on a 2-core CPU; table + benchmark.json
     python benchmark.py --quick               # small sizes, ~30 s: checks that everything runs (numbers are rough)
     python benchmark.py --only data_path sparsity_dedup --out /tmp/b.json
     OMP_NUM_THREADS=1 python benchmark.py     # one thread for torch and numpy alike: steadier on a busy machine
@@ -468,8 +468,8 @@ def dense_peak(size, device):
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"matmul": (lambda: a @ b, 2 * n ** 3)}
     if device.type == "cpu":
-        a64, b64 = a.numpy(), b.numpy()  # numpy's own BLAS (OpenBLAS), in case it beats torch's (MKL) here
-        kernels["numpy_matmul"] = (lambda: a64 @ b64, 2 * n ** 3)
+        a_np, b_np = a.numpy(), b.numpy()  # numpy's own BLAS (OpenBLAS), in case it beats torch's (MKL) here
+        kernels["numpy_matmul"] = (lambda: a_np @ b_np, 2 * n ** 3)
         side = int(math.sqrt(n))  # a GEMM of (side² pixels) × n channels × n channels
         x = torch.randn(1, n, side, side).contiguous(memory_format=torch.channels_last)
         w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)

@@ -915,7 +915,7 @@ def test_real_cifar10_in_shared_data_loads():
 # Deep-net training: train_resnet.py / train_densenet.py (SPEC E7–E10)
 # ======================================================================================================================
 
-TINY_RESNET = ["train_resnet.py", "--width", "4", "--epochs", "1", "--batch-size", "64", "--eval-every", "2",
+TINY_RESNET = ["train_resnet.py", "--width", "8", "--epochs", "1", "--batch-size", "64", "--eval-every", "2",
                "--sparsity-examples", "96", "--sparsity-neurons", "50", "--eval-batch-size", "64", "--device", "cpu"]
 TINY_DENSENET = ["train_densenet.py", "--depth", "10", "--growth-rate", "4", "--epochs", "1", "--batch-size", "64",
                  "--eval-every", "2", "--sparsity-examples", "96", "--sparsity-neurons", "50", "--device", "cpu"]
@@ -1038,6 +1038,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     strip = ("wall_time", "images_per_sec")  # timings differ; every measured quantity must not
     assert [{k: v for k, v in r.items() if k not in strip} for r in logs[0]["history"]] == \
         [{k: v for k, v in r.items() if k not in strip} for r in logs[1]["history"]]
+
+
+def test_resume_accepts_another_eval_batch_size_and_memory_format(tmp_path):
+    """Neither changes what is trained (evaluation is read-only; the memory format changes only rounding), and
+    apply_channels_last may switch channels_last off on one device and not on another."""
+    flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "128", "--epochs", "2", "--out-dir", str(tmp_path)]
+    assert run_script(*flags, "--stop-at-epoch", "1").returncode == 0
+    second = run_script(*flags, "--resume", "--eval-batch-size", "16", "--no-channels-last")
+    assert second.returncode == 0, second.stderr
+    log = json.load(open(only_log(tmp_path)))
+    assert log["status"] == "completed" and log["config"]["eval_batch_size"] == 16
 
 
 @pytest.mark.parametrize("signal_name, exit_code", [("SIGINT", 130), ("SIGTERM", 143)])

@@ -534,7 +534,9 @@ def _neuron_columns(output, subset):
     would first copy the whole map."""
     n = output.shape[0]
     if subset is None:
-        return output.reshape(n, -1).clone()
+        flat = output.reshape(n, -1)  # a copy already unless the output is contiguous
+        shares_memory = flat.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+        return flat.clone() if shares_memory else flat
     if output.dim() == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
         channels, positions = output.shape[1], output.shape[2] * output.shape[3]
         nhwc = output.permute(0, 2, 3, 1).reshape(n, -1)  # a view: NCHW column c·HW + p is NHWC column p·C + c
@@ -843,7 +845,9 @@ def _has_broken_onednn_conv(model):
     such a conv in channels_last segfaults, hangs or returns wrong weight gradients on AVX2 CPUs (its AVX2 1×1 kernel;
     reproduced on an AVX-512 machine with ONEDNN_MAX_CPU_ISA=AVX2: relative weight-gradient errors up to 1.0 against
     the NCHW gradient, then a crash or a hang; 1 and 8+ input channels, and AVX-512 kernels, are exact). It appears at
-    tiny widths (ResNet-18 shortcuts at --width 2-7); DenseNet's 1×1 convolutions have stride 1."""
+    tiny widths (ResNet-18 shortcuts at --width 2-7); DenseNet's 1×1 convolutions have stride 1. The fallback applies
+    on every CPU on purpose: oneDNN picks its kernels at run time (and ONEDNN_MAX_CPU_ISA can lower them), so the
+    instruction set torch reports does not tell which kernel will run; at these tiny widths NCHW costs little."""
     return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
                and 2 <= m.in_channels <= 7 for m in model.modules())
 
@@ -918,8 +922,9 @@ class DeepNetRun:
             usage_error("--resume", f"no checkpoint at {self.checkpoint_path}; start the run without --resume "
                                     "(resume needs the same flags and --out-dir as the original run)")
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        # flags that may differ between the parts of a run (evaluation never changes the training trajectory)
-        ignored = {"resume", "stop_at_epoch", "device", "eval_batch_size"}
+        # flags that may differ between the parts of a run: evaluation never changes the training trajectory, and the
+        # memory format only its rounding (channels_last is also switched off by apply_channels_last on some models)
+        ignored = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last"}
         changed = [k for k, v in state["args"].items() if k not in ignored and vars(self.args).get(k) != v]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
