@@ -25,8 +25,8 @@ results/resnet18_cifar10.png), `--data-dir ../shared/data --width 16 --n-train 1
     η0 = 0.75, w = 1.05, decay at T = 30 %   46.7 % / 25.0 % / 85.3 %
     η0 = 0.75, w = 1.05, decay at T = 50 %   42.1 % / 11.0 % / 51.6 %
     The longer the large-step phase, the lower the test error and the sparser blocks 4 and 5, as in the paper.
-Runtime: each of these runs took 4.3-4.7 min on a 2-core x86-64 CPU (~1 150 training images/s at width 16,
-channels_last; evaluation every 2 epochs was ~15 % of the wall time). Full width on that CPU: ~125 images/s
+Runtime: each of these runs took 4.4-4.8 min on a 2-core x86-64 CPU (1 030-1 130 training images/s at width 16,
+channels_last; evaluation every 2 epochs was ~13 % of the wall time). Full width on that CPU: ~125 images/s
 (benchmark.py).
 
 Design notes:
