@@ -533,10 +533,8 @@ def _neuron_columns(output, subset):
     per channel×position (SPEC §1.1). A channels_last map is read in its own layout: flattening it in NCHW order
     would first copy the whole map."""
     n = output.shape[0]
-    if subset is None:
-        flat = output.reshape(n, -1)  # a copy already unless the output is contiguous
-        shares_memory = flat.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-        return flat.clone() if shares_memory else flat
+    if subset is None:  # at most max_neurons columns: an extra copy costs nothing worth special-casing
+        return output.reshape(n, -1).clone()
     if output.dim() == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
         channels, positions = output.shape[1], output.shape[2] * output.shape[3]
         nhwc = output.permute(0, 2, 3, 1).reshape(n, -1)  # a view: NCHW column c·HW + p is NHWC column p·C + c
