@@ -1,45 +1,38 @@
-"""ResNet-18 on CIFAR-10/100 and Tiny ImageNet with large-step SGD: experiments E7, E8, E9 of SPEC.md.
+"""ResNet-18 on CIFAR-10/100 and Tiny ImageNet with large-step SGD (the paper's Figure 1; experiments E7, E8, E9).
 
-The paper's deep-network evidence (Figure 1): plain SGD (no momentum, no weight decay, no augmentation) whose step size
-is warmed up exponentially and held large for a fraction T of training, then divided by 10 (and by 100 for the last
-10 %), learns sparser features (a lower activation density of the late blocks, SPEC §1.1) and reaches a lower test
-error than small steps; the longer the large-step phase, the sparser. Model: post-activation CIFAR ResNet-18 (SPEC §4).
+The paper's deep-network evidence: plain SGD (no momentum, no weight decay, no augmentation) whose step size is warmed
+up exponentially and held large for a fraction T of training, then divided by 10 (and by 100 for the last 10 %),
+learns sparser features (a lower activation density of the late blocks) and reaches a lower test error than small
+steps; the longer the large-step phase, the sparser. Model: the authors' post-activation CIFAR ResNet-18.
 
-Commands (from the repository root; each run writes one JSON log and a checkpoint into --out-dir, default
-runs/train_resnet/; add --download the first time to fetch the data into --data-dir, default ./data):
-
-    python train_resnet.py --lr 0.5 --warmup-exp 1.05                        # plain SGD, exp. warmup, T = 0.5 (GPU)
+    python train_resnet.py --lr 0.5 --warmup-exp 1.05                        # plain SGD, exp. warmup, T = 0.5
     python train_resnet.py --lr 0.75 --warmup-exp 1.05 --large-lr-frac 0.1   # E7 large steps (also 0.3, 0.5)
     python train_resnet.py --lr 0.01 --lr-schedule constant                  # E7 small steps
     python train_resnet.py --dataset cifar100 --lr 0.75 --warmup-exp 1.05    # E8 (same flags as E7)
-    python train_resnet.py --momentum 0.9 --weight-decay 5e-4 --augment --lr 0.05 --warmup-exp 1 \
-        --large-lr-frac 0.5                                                  # E9 (also 0.1, 0.3; and --lr 0.002 constant)
-    python plots.py --logs runs/train_resnet --out figures                   # figures/resnet18_cifar10.png
+    python train_resnet.py --momentum 0.9 --weight-decay 5e-4 --augment --lr 0.05 --warmup-exp 1   # E9
+    python plots.py --logs runs/train_resnet --out-dir figures               # figures/resnet18_cifar10.png
 
-Expected results. Full size (width 64, 50 000 images, 100 epochs): a GPU job, not run by us yet (no GPU on the
-development machine); the paper's E9 numbers are in SPEC E9. CPU-sized E7 (measured; logs in results/deep/, figure
-results/resnet18_cifar10.png), `--data-dir ../shared/data --width 16 --n-train 10000 --epochs 25
---sparsity-examples 2048 --eval-every 80`, seed 0, final test error / block-4 / block-5 de-duplicated density:
-    η = 0.01 constant                        69.9 % / 63.7 % / 95.9 %
-    η0 = 0.75, w = 1.05, decay at T = 10 %   50.4 % / 45.3 % / 98.5 %
-    η0 = 0.75, w = 1.05, decay at T = 30 %   46.7 % / 25.0 % / 85.3 %
-    η0 = 0.75, w = 1.05, decay at T = 50 %   42.1 % / 11.0 % / 51.6 %
-    The longer the large-step phase, the lower the test error and the sparser blocks 4 and 5, as in the paper.
-Runtime: each of these runs took 4.4-4.8 min on a 2-core x86-64 CPU (1 030-1 130 training images/s at width 16,
-channels_last; evaluation every 2 epochs was ~13 % of the wall time). Full width on that CPU: ~125 images/s
-(benchmark.py).
+Each run writes one JSON log and one checkpoint into --out-dir (add --download the first time to fetch the data into
+--data-dir). Measured results and run times are in the README, next to the commands and logs they come from.
 
-Design notes:
-  * Everything after the flags (data on the device as uint8, the SPEC §2 step size set before every step, one-pass
-    block sparsity with hooks, atomic logs and checkpoints, resume, divergence and Ctrl-C/SIGTERM handling) is
-    utils.run_deep_net, shared with train_densenet.py; this file holds the model, its defaults and its flags.
-  * `--lr` is η0, the step size BEFORE warmup: the peak is η0·w^(100T) (1.629, 4.322, 11.467 × η0 for w = 1.05 and
-    T = 0.1, 0.3, 0.5).
+Reading order: flags, then main(): device and data, model and optimizer, log (or resume), then the training loop —
+evaluate and log every --eval-every iterations, one SGD step with the step size of utils.deep_step_size — and the
+end of the run (completed, diverged, stopped by --stop-at-epoch, Ctrl-C or SIGTERM). The mechanics (data on the
+device, sparsity hooks, atomic logs and checkpoints, signal handling) are small functions of utils.py; this loop is
+repeated in train_densenet.py on purpose, so that each script is a complete experiment to read and to copy.
+`--lr` is η0, the step size BEFORE warmup: the peak is η0·w^(100T) (1.629, 4.322, 11.467 × η0 for w = 1.05 and
+T = 0.1, 0.3, 0.5).
 """
+import math
+import os
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
+
+SCRIPT = "train_resnet"
 
 # ======================================================================================================================
 # Model
@@ -50,7 +43,7 @@ class BasicBlock(nn.Module):
     """Post-activation ("plain", He et al. 2016a) basic block: ReLU(BN(conv(ReLU(BN(conv(x))))) + shortcut(x)).
 
     The ReLU comes AFTER the residual sum, so a block's output is a post-ReLU activation — what the feature sparsity
-    of SPEC §1.1 measures. Convs carry no bias because BN follows each of them.
+    of the paper measures. Convs carry no bias because BN follows each of them.
     """
 
     def __init__(self, in_channels, out_channels, stride):
@@ -59,7 +52,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        # SPEC §4: a 1×1 conv + BN projection only where the shape changes; identity otherwise.
+        # a 1×1 conv + BN projection only where the shape changes; identity otherwise (as in the authors' model)
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
@@ -74,13 +67,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18 of SPEC §4: 3×3 stride-1 stem (no max-pool), BasicBlocks [2, 2, 2, 2] at widths w, 2w, 4w, 8w
-    with strides 1, 2, 2, 2, global average pool, linear head. Inputs in [0, 1], no normalisation layer (SPEC §4).
+    """The authors' CIFAR ResNet-18: 3×3 stride-1 stem (no max-pool), BasicBlocks [2, 2, 2, 2] at widths w, 2w, 4w, 8w
+    with strides 1, 2, 2, 2, global average pool, linear head. Inputs in [0, 1], no normalisation layer.
 
     The pool is adaptive, so 64×64 inputs (Tiny ImageNet) work too. At w = 64 and 10 classes: 11 173 962 parameters.
     """
 
-    # Feature-sparsity blocks of SPEC §1.1: log name -> submodule path whose forward OUTPUT is the activation (attach
+    # The blocks whose feature sparsity is measured: log name -> submodule path whose forward OUTPUT is the activation (attach
     # forward hooks via model.get_submodule(path)). Blocks 1-4 = output of residual stage k (post-ReLU of its last
     # BasicBlock; 64·32·32, 128·16·16, 256·8·8, 512·4·4 at w = 64 on 32×32 inputs); block 5 = pooled features (8w).
     SPARSITY_BLOCKS = {"block1": "layer1", "block2": "layer2", "block3": "layer3", "block4": "layer4",
@@ -105,7 +98,7 @@ class ResNet18(nn.Module):
         self._initialise()
 
     def _initialise(self):
-        """SPEC §4: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0, linear bias 0 (weight: torch default)."""
+        """the authors' CIFAR ResNet-18: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0, linear bias 0 (weight: torch default)."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -128,16 +121,151 @@ class ResNet18(nn.Module):
 
 def build_parser():
     parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
-    utils.add_deep_net_arguments(parser, script="train_resnet", lr=0.75, warmup_exp=1.05)
+    utils.add_deep_net_arguments(parser, script=SCRIPT, lr=0.75, warmup_exp=1.05)
     parser.add_argument("--width", type=utils.positive_int, default=64,
                         help="w: channels of the first stage (stages have w, 2w, 4w, 8w); 64 = standard ResNet-18")
     return parser
 
 
+# ======================================================================================================================
+# Training
+# ======================================================================================================================
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return utils.run_deep_net(args, lambda num_classes: ResNet18(num_classes, args.width), script="train_resnet",
-                              model_name="resnet18", run_parts={"width": args.width})
+    utils.check_deep_net_args(args)
+    try:
+        device = utils.resolve_device(args.device)
+    except ValueError as err:
+        utils.usage_error("--device", str(err))
+    precision = utils.configure_backend(args, device)
+    utils.prepare_out_dir(args.out_dir)
+    utils.seed_everything(args.seed)
+
+    # ---- data, model, optimizer ----
+    data = utils.load_data(args, device)
+    model = utils.apply_channels_last(args, ResNet18(data.num_classes, args.width).to(device), device)
+    blocks = model.SPARSITY_BLOCKS
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    train_forward = torch.compile(model) if args.compile else model  # evaluation runs eager (it needs its hooks)
+    autocast = precision == "bf16"
+    n_train = len(data.train_labels)
+    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch of an epoch may be smaller
+    total_steps = args.epochs * steps_per_epoch
+    stop_step = total_steps if args.stop_at_epoch is None else args.stop_at_epoch * steps_per_epoch
+
+    # ---- log, checkpoint, resume ----
+    experiment = f"resnet18_{args.dataset}"
+    path = os.path.join(args.out_dir, utils.run_name(args, experiment, width=args.width))
+    log_path, checkpoint_path = path + ".json", path + ".pt"
+    step, window_loss, window_steps, elapsed_before, history = 0, 0.0, 0, 0.0, []
+    if args.resume:
+        state = utils.load_checkpoint(checkpoint_path, args, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, window_loss, window_steps = state["step"], state["window_loss"], state["window_steps"]
+        elapsed_before, history = state["elapsed"], utils.logged_history(log_path, state["step"])
+        print(f"resuming {log_path} at iteration {step} (epoch {step / steps_per_epoch:.2f})")
+    config = {key: value for key, value in vars(args).items() if key != "resume"}
+    config.update(n_train=n_train, n_test=len(data.test_labels), num_classes=data.num_classes,
+                  steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision_used=precision,
+                  sparsity_examples_used=min(args.sparsity_examples, n_train), blocks=list(blocks))
+    env = dict(utils.environment_info(device), n_params=sum(p.numel() for p in model.parameters()),
+               deterministic=args.deterministic, compile=args.compile, channels_last=args.channels_last,
+               precision=precision)
+    log = utils.RunLog(log_path, SCRIPT, config, env, history=history, experiment=experiment,
+                       run=utils.schedule_label(args), seed=args.seed)
+    if step >= total_steps:
+        print(f"this run is already complete: {log_path}")
+        log.finish("completed")
+        return "completed"
+    print(f"{log.data['run']} | {data.name}: {n_train} train / {len(data.test_labels)} test images | "
+          f"{env['n_params']:,} parameters | {total_steps} iterations ({steps_per_epoch}/epoch) on {device}\n"
+          f"log: {log_path}")
+
+    # ---- the training loop ----
+    window_loss = torch.tensor(window_loss, device=device)  # summed mini-batch losses since the last evaluation,
+    last_logged = history[-1]["iter"] if history else -1  # kept on the device: no host sync per step
+    clock, first_step, permutation, status = utils.RunClock(elapsed_before), step, None, "completed"
+
+    def checkpoint():
+        utils.save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                              window_loss=window_loss.item(), window_steps=window_steps, elapsed=clock.elapsed(),
+                              args=vars(args), torch_rng=torch.get_rng_state())
+
+    def diverged(loss, lr):  # large step sizes do diverge: keep everything up to here, say so, stop
+        log.record(iter=step, epoch=step / steps_per_epoch, lr=lr, train_loss_batches=float(loss), train_loss=None)
+        print(f"DIVERGED at iteration {step} (epoch {step / steps_per_epoch:.2f}): training loss is {float(loss)}; "
+              f"the step size ({lr:.4g} at that point) is too large for this setting. Log: {log_path}")
+        return "diverged"
+
+    with log, utils.StopOnSignal() as stop:
+        while True:
+            # the step size of step `step`, computed once: logged with this step's evaluation, used by its update
+            lr = utils.deep_step_size(step / steps_per_epoch, args.epochs, args.lr, args.lr_schedule,
+                                      args.warmup_exp, args.large_lr_frac)
+            # evaluate before the update of every --eval-every-th step, and at the end
+            if (step % args.eval_every == 0 or step == total_steps) and step > last_logged:
+                if not torch.isfinite(window_loss):
+                    status = diverged(window_loss / window_steps, lr)
+                    break
+                with clock.evaluating():
+                    record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr,
+                              **utils.evaluate_classifier(model, data, blocks, args, autocast)}
+                    if window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
+                        record["train_loss_batches"] = window_loss.item() / window_steps
+                    log.record(**record, wall_time=clock.elapsed(), images_per_sec=clock.images_per_sec())
+                    window_loss, window_steps = torch.zeros((), device=device), 0
+                    if step > 0:
+                        checkpoint()
+                evals_left = total_steps // args.eval_every - step // args.eval_every
+                print(utils.progress_line(log.data["final"], total_steps, list(blocks)[-1], clock,
+                                          clock.remaining_seconds(total_steps - step, evals_left)), flush=True)
+                if not math.isfinite(record["train_loss"]):
+                    status = diverged(record["train_loss"], lr)
+                    break
+            if step == stop_step or stop.requested:
+                break
+
+            # one SGD step on a slice of this epoch's seeded permutation
+            epoch, index = divmod(step, steps_per_epoch)
+            if index == 0 or permutation is None:
+                permutation = utils.epoch_permutation(n_train, epoch, args.seed, device)
+            batch = permutation[index * args.batch_size:(index + 1) * args.batch_size]
+            images = data.train_images[batch]
+            if args.augment:
+                images = utils.augment_batch(images, args.seed, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = train_forward(utils.images_to_float(images, args.channels_last))
+                loss = F.cross_entropy(logits.float(), data.train_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window_loss += loss.detach()
+            window_steps += 1
+            step += 1
+            clock.add_step(len(batch))
+            if step % utils.DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(window_loss):
+                status = diverged(window_loss / window_steps, lr)
+                break
+            if step == first_step + min(10, stop_step - first_step):  # early, once the first steps are timed
+                evals_left = stop_step // args.eval_every - step // args.eval_every
+                print(f"projected wall time for this run: "
+                      f"{utils.format_seconds(clock.elapsed() + clock.remaining_seconds(stop_step - step, evals_left))} "
+                      f"({clock.images_per_sec():.0f} training images/s, evaluation every {args.eval_every} "
+                      "iterations)", flush=True)
+
+        if status == "completed" and step < total_steps:  # stopped by --stop-at-epoch, Ctrl-C or SIGTERM
+            checkpoint()
+            status = "interrupted"
+            print(f"stopped at iteration {step}; checkpoint saved, continue with --resume")
+        log.finish(status)
+    if stop.requested:
+        raise SystemExit(128 + stop.requested)  # the shell's convention (130 for Ctrl-C), so a sweep loop stops too
+    return status
 
 
 if __name__ == "__main__":

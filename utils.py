@@ -1,13 +1,26 @@
-"""Shared pieces of the "SGD with Large Step Sizes Learns Sparse Features" reproduction kit.
+"""Shared pieces of the "SGD with Large Step Sizes Learns Sparse Features" reproduction kit (arXiv 2210.05337).
 
-Everything an experiment script needs besides its own model lives here, so that copying an experiment out of this
-repository means copying the script and this file. Imports: the standard library, numpy and torch only.
+Copying an experiment out of this repository means copying its script and this file. Imports: the standard library,
+numpy and torch only. Importing this file changes nothing in the process (no environment variable, thread count or
+torch setting); the scripts set those in main().
 
-Sections: command line & errors | seeding & environment | JSON run logs | metrics (SPEC §1) | schedules (SPEC §2).
-Section numbers (SPEC §x, Ex) refer to ../shared/SPEC.md, which summarises the paper's definitions.
+Contents, in reading order:
+  1. Step-size schedules        toy_step_sizes, deep_step_size
+  2. Metrics                    feature_sparsity, neuron_subset, BlockActivations, block_feature_sparsity,
+                                jacobian_rank, model_jacobian
+  3. Toy-model helpers          eval_iterations, seed_summary, presets
+  4. Run logs and command line  RunLog, write_json_atomic, run_slug, load_logs, ArgumentParser, usage_error, flag
+                                types, prepare_out_dir, seed_everything, resolve_device, environment_info
+  5. Image data                 load_image_dataset, keep_first_train, synthetic_image_dataset, epoch_permutation,
+                                augment_batch, images_to_float
+  6. Deep-net building blocks   add_deep_net_arguments, check_deep_net_args, configure_backend, apply_channels_last,
+                                load_data, evaluate_classifier, save_checkpoint, load_checkpoint, StopOnSignal,
+                                RunClock, progress_line
+The definitions follow the paper; the README's "Definitions" section states them in full.
 """
 import argparse
-import concurrent.futures
+import contextlib
+import difflib
 import hashlib
 import json
 import math
@@ -25,138 +38,379 @@ import typing
 import numpy as np
 import torch
 
+
 # ======================================================================================================================
-# Command line & errors
+# 1. Step-size schedules
 # ======================================================================================================================
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each flag's default, except where the help text already explains it or there is none (None/False)."""
+def toy_step_sizes(n_iters, lr, large_lr_frac=None, decay=1.0, warmup_factor=1.0, warmup_power=1.0):
+    """Per-iteration step sizes of the toy experiments, as a float64 array of length n_iters.
 
-    def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or action.default is False:  # not 0 == False
-            return action.help
-        return super()._get_help_string(action)
+    Iteration i (0-based) uses η_i = lr·(1 + (F − 1)·(i/N)^p) while i ≤ k = ⌊T·N⌋ (N = n_iters, T = large_lr_frac,
+    F = warmup_factor, p = warmup_power; F = 1 means no warmup, i.e. η_i = lr), and η_k / decay for every i > k: the
+    single decay is applied after iteration k's update. large_lr_frac=None means a constant step size lr.
+    i/N divides by the TOTAL iteration count, not the warmup length, as in the authors' code.
+    """
+    if large_lr_frac is None:
+        return np.full(n_iters, float(lr))
+    last_large = math.floor(large_lr_frac * n_iters)
+    steps = np.arange(n_iters, dtype=np.float64)
+    warm = lr * (1.0 + (warmup_factor - 1.0) * (steps / n_iters) ** warmup_power)
+    peak = lr * (1.0 + (warmup_factor - 1.0) * (last_large / n_iters) ** warmup_power)
+    return np.where(steps <= last_large, warm, peak / decay)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: `prog: error: argument --lr: ... (see --help)`, exit code 2.
+def deep_step_size(epoch, epochs, lr, schedule="piecewise", warmup_exp=1.0, large_lr_frac=0.5):
+    """Step size of the deep-net experiments at fractional epoch `epoch` (the paper's ResNet/DenseNet schedules).
 
-    The stock parser prints the whole usage block first; a researcher scanning a sweep's stderr wants one line that
-    names the flag.
+    constant: lr. piecewise: a large-step phase for epoch < T·E (T = large_lr_frac, E = epochs), then ÷10 until 0.9·E,
+    then ÷100. During the large-step phase, with u = 100·epoch/E (one unit per 1 % of training):
+      w > 1: exponential warmup lr·w^u;  w < 1: power warmup lr·(1 + u^w);  w = 1: no warmup, lr.
+    Both later phases start from the value the warmup reached at T·E (peak multiplier w^(100T), e.g. 11.467 for
+    w = 1.05, T = 0.5). The scripts call it once before every SGD step, with that step's fractional epoch.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "piecewise":
+        raise ValueError(f"unknown schedule {schedule!r}; expected 'constant' or 'piecewise'")
+
+    def warmed(u):
+        if warmup_exp > 1:
+            return lr * warmup_exp ** u
+        if warmup_exp < 1:
+            return lr * (1.0 + u ** warmup_exp)
+        return lr
+
+    if epoch < large_lr_frac * epochs:
+        return warmed(100.0 * epoch / epochs)
+    peak = warmed(100.0 * large_lr_frac)
+    return peak / 10 if epoch < 0.9 * epochs else peak / 100
+
+
+# ======================================================================================================================
+# 2. Metrics: feature sparsity, Jacobian rank
+# ======================================================================================================================
+
+
+def feature_sparsity(phi, tau=0.95, max_neurons=None, seed=0):
+    """The paper's feature sparsity coefficient: (density, dedup_density) of an activation matrix; lower = sparser.
+
+    phi: N×M post-ReLU activations of N examples on M neurons (numpy array or tensor, any device; trailing dimensions,
+    e.g. a conv layer's channel×height×width, are flattened so that every position is one neuron).
+      1. if max_neurons is set and M > max_neurons, keep a seeded random subset of max_neurons columns (neuron_subset);
+         M' = the number of columns from here on.
+      2. density = fraction of positive entries (of the M' columns).
+      3. drop the columns that are never positive ("dead" neurons).
+      4. C = Pearson correlation between the remaining columns.
+      5. greedy de-duplication: visit the columns in order and delete column i if |C_ij| > τ for some column j still
+         present. When i is visited, every later column is still present and every earlier one left is not a partner
+         of i (it was kept, so it has no partner after it). So i is deleted exactly when |C_ij| > τ for some j > i:
+         one "any" over the strict upper triangle, no loop. A constant column has no correlation and is never deleted.
+      6. dedup_density = positive entries of the kept columns / (N·M'): dead and deleted columns stay in M'.
+    The paper's τ: 0.95 for deep nets (with max_neurons = 1000), 0.99 for the teacher–student nets, 0.999 for the 1-D
+    regression. C is computed in float32 and every pair within the float32 error bound of τ is recomputed in float64,
+    so the result is that of a float64 computation (see benchmark.py for the speed against the greedy loop).
+    """
+    phi = torch.as_tensor(phi)
+    if phi.dim() < 2 or phi.numel() == 0:
+        raise ValueError(f"feature_sparsity needs an N×M activation matrix with N, M >= 1, got {tuple(phi.shape)}")
+    phi = phi.reshape(phi.shape[0], -1)
+    subset = neuron_subset(phi.shape[1], max_neurons, seed)
+    if subset is not None:
+            phi = phi[:, subset.to(phi.device)]
+    positives = torch.count_nonzero(phi > 0, dim=0)  # per neuron
+    alive = positives > 0
+    x = phi if alive.all() else phi[:, alive]
+    z, error = _float32_standardized(x)
+    gamma = x.shape[0] * 2.0 ** -24 / (1 - x.shape[0] * 2.0 ** -24)  # float32 dot products of length N: ≤ γ_N·‖a‖‖b‖
+    duplicate = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    for start in range(0, x.shape[1], 512):  # the upper triangle, one block of 512 rows at a time
+        block = _exact_matmul(z[:, start:start + 512].T, z[:, start:]).abs_()
+        # |float32 correlation − exact| ≤ slack: the pairs that may exceed τ are decided from float64 columns
+        slack = (1 + gamma) * (1 + error[start:start + 512, None]) * (1 + error[None, start:]) - 1
+        rows, cols = torch.nonzero((block > tau - slack).triu_(diagonal=1), as_tuple=True)
+        for i, j in zip((start + rows).split(1024), (start + cols).split(1024)):
+            exact = (_standardized_columns(x[:, i]) * _standardized_columns(x[:, j])).sum(dim=0).abs()
+            duplicate[i[exact > tau]] = True
+    return positives.sum().item() / phi.numel(), positives[alive][~duplicate].sum().item() / phi.numel()
+
+
+def _standardized_columns(x):
+    """Columns centred and scaled to unit norm in float64, so that Pearson correlations are their dot products.
+    Constant columns (zero variance) become zero columns: correlation 0 with everything, never a duplicate."""
+    centred = x.double() - x.double().mean(dim=0)
+    norms = centred.norm(dim=0)
+    return centred / torch.where(norms > 0, norms, 1.0)
+
+
+def _float32_standardized(x):
+    """The standardised columns in float32 (products 2× faster than float64 on a CPU, and no float64 copy of x), and
+    for each column a bound on ‖float32 column − exact column‖₂.
+
+    With u = 2⁻²⁴, m the column's mean (accumulated in float64) and s = ‖x − m‖: forming x − m in float32 costs
+    ≤ 2u(|x| + |m|) per entry, so ≤ 4u·ratio on the column divided by s, where ratio = (s + √N·|m|)/s ≥ ‖x‖/s; taking
+    s from those entries and scaling by it at most doubles that, plus 3u. Constant columns (s = 0) get an infinite
+    bound: feature_sparsity then decides all their pairs in float64.
+    """
+    mean = x.sum(dim=0, dtype=torch.float64) / x.shape[0]
+    centred = x.float() - mean.float()
+    spread = centred.square().sum(dim=0, dtype=torch.float64).sqrt()
+    ratio = (spread + math.sqrt(x.shape[0]) * mean.abs()) / spread
+    error = (8 * ratio + 3) * 2.0 ** -24
+    return centred.mul_(torch.where(spread > 0, 1 / spread, 0.0).float()), error.float()
+
+
+def _exact_matmul(a, b):
+    """a @ b in true float32: a GPU would otherwise use TF32, whose ~1e-3 error would exceed feature_sparsity's slack."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return a @ b
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def neuron_subset(n_cols, max_neurons, seed=0):
+    """Sorted indices of the max_neurons columns feature_sparsity keeps (step 1), or None when no sampling is needed.
+
+    A pure function of (n_cols, max_neurons, seed), so every evaluation of a run measures the same neurons.
+    """
+    if max_neurons is None or n_cols <= max_neurons:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_cols, generator=generator)[:max_neurons].sort().values
+
+
+class BlockActivations:
+    """Forward hooks that gather, for feature_sparsity, the outputs of named modules of ANY torch model.
+
+    blocks: {name used in results: module path for model.get_submodule, or the module itself}. While the context is
+    open, every forward pass adds its batch: each block's count of positive entries over ALL its neurons, and its
+    output restricted to the sampled neurons (so a 64×32×32 map never has to be held for 10 752 images). One forward
+    pass serves all blocks (the authors' code ran one pass per block).
+
+        with utils.BlockActivations(model, {"layer4": "layer4", "pooled": "avgpool"}) as acts, torch.no_grad():
+            for x in batches:
+                model(x)
+        print(acts.feature_sparsity(tau=0.95))   # {"layer4": {"density_all": ..., "density": ..., ...}, ...}
     """
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        kwargs.setdefault("allow_abbrev", False)  # `--lr` must never silently match `--lr-schedule`
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, blocks, max_neurons=1000, seed=0):
+        self.max_neurons, self.seed = max_neurons, seed
+        self.modules = {name: model.get_submodule(m) if isinstance(m, str) else m for name, m in blocks.items()}
+        self.handles, self.positives, self.entries, self.kept = [], {}, {}, {}
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def __enter__(self):
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            output = output.detach().reshape(output.shape[0], -1)  # one column per neuron (channel × position)
+            subset = neuron_subset(output.shape[1], self.max_neurons, self.seed)
+            # count on the device (no host sync per batch); copy the kept columns, as a later in-place op of the
+            # model (e.g. ReLU(inplace=True)) could still change the output
+            self.positives[name] = self.positives.get(name, 0) + torch.count_nonzero(output > 0)
+            self.entries[name] = self.entries.get(name, 0) + output.numel()
+            kept = output.clone() if subset is None else output[:, subset.to(output.device)]
+            self.kept.setdefault(name, []).append(kept)
+
+        return hook
+
+    def feature_sparsity(self, tau=0.95):
+        """{block: {"density_all", "density", "density_dedup"}} over all batches seen so far: the raw density over
+        all neurons of the block (what the authors report), and feature_sparsity of the sampled neurons."""
+        results = {}
+        for name in self.kept:
+            density, dedup = feature_sparsity(torch.cat(self.kept[name]), tau)
+            results[name] = {"density_all": int(self.positives[name]) / self.entries[name], "density": density,
+                             "density_dedup": dedup}
+        return results
 
 
-def usage_error(flag, message):
-    """Stop with a one-line usage error naming `flag` and exit code 2 (for checks argparse cannot express)."""
-    prog = os.path.basename(sys.argv[0]) or "python"
-    sys.stderr.write(f"{prog}: error: argument {flag}: {message}\n")
-    raise SystemExit(2)
+@torch.no_grad()
+def block_feature_sparsity(model, blocks, batches, tau=0.95, max_neurons=1000, seed=0):
+    """Feature sparsity of several blocks of a model from one eval-mode forward pass per batch.
 
-
-def _number_type(cast, check, requirement):
-    """Build an argparse `type=` callable that casts, validates and explains the requirement when it fails."""
-
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
-        return value
-
-    parse.__name__ = requirement  # argparse shows this name in some messages
-    return parse
-
-
-positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
-nonnegative_float = _number_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
-fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-positive_int = _number_type(int, lambda v: v > 0, "an integer >= 1")
-nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
-
-
-def prepare_out_dir(path, flag="--out-dir"):
-    """Create the output folder at start-up and prove it is writable, so a long run never fails at its first save."""
+    batches: an iterable of model inputs (e.g. `images.split(128)`). Returns {block: {"density_all", "density",
+    "density_dedup"}} (see BlockActivations.feature_sparsity). The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        usage_error(flag, f"cannot write to {path!r} ({err.strerror or err}); pass a writable folder")
-    return path
+        with BlockActivations(model, blocks, max_neurons, seed) as acts:
+            for batch in batches:
+                model(batch)
+    finally:
+        model.train(was_training)
+    return acts.feature_sparsity(tau)
+
+
+def jacobian_rank(jacobian, eps):
+    """Numerical rank of a Jacobian: #{k : σ_k / σ_1 > eps}, singular values in float64 (torch.linalg.svdvals).
+
+    jacobian: P×D matrix whose row i is ∇_θ h_θ(x_i) (numpy array or tensor). An all-zero matrix has rank 0.
+    """
+    jac = torch.as_tensor(jacobian).double()
+    if jac.numel() == 0:
+        return 0
+    singular_values = torch.linalg.svdvals(jac)
+    if singular_values[0] <= 0:
+        return 0
+    return int((singular_values / singular_values[0] > eps).sum().item())
+
+
+def model_jacobian(model, x):
+    """Rows ∇_θ h_θ(x_i) for a scalar-output torch model, one per input row, as a P×(#params) tensor (torch.func)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def scalar_output(p, xi):
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(())
+
+    grads = torch.func.vmap(torch.func.grad(scalar_output), in_dims=(None, 0))(params, x)
+    return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
 
 
 # ======================================================================================================================
-# Seeding & environment
+# 3. Toy-model helpers: evaluation points, seed summaries, presets (diag_net.py, two_layer_relu.py)
 # ======================================================================================================================
 
+# Flags that change neither what is trained nor what is measured: a preset run with only these keeps the preset's name.
+NEUTRAL_FLAGS = ("seeds", "out_dir", "log_interval")
 
-def seed_everything(seed):
-    """Seed python, numpy's legacy global generator and torch (CPU and all CUDA devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name, flag="--device"):
-    """Map `auto|cpu|cuda|mps` to a torch.device; `auto` prefers CUDA, then Apple MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        usage_error(flag, "CUDA was requested but torch sees no CUDA device; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        usage_error(flag, "MPS was requested but is not available; use --device cpu or auto")
-    return torch.device(name)
+# How a preset and explicit flags combine (resolve_preset), as both toy scripts print it in --help.
+PRESET_RULES = """presets and flags: a preset sets every knob of a paper experiment; any explicit flag overrides that knob for all
+runs of the preset. Per-run flags take one value (applied to every run) or one value per run. A flag the preset does
+not use is rejected. Runs with any override other than --seeds, --out-dir, --log-interval are logged as experiment
+'<preset>_custom', so that a quick check never overwrites the paper configuration's logs and figures."""
 
 
-def _git_commit():
-    """The repository's commit hash, or None outside a git checkout (e.g. after copying a script elsewhere)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+class FlagError(ValueError):
+    """A bad value of one command-line flag. The scripts print it as a one-line usage error naming `flag`."""
+
+    def __init__(self, flag, message):
+        super().__init__(f"{flag}: {message}")
+        self.flag, self.message = flag, message
 
 
-def environment_info(device=None):
-    """Versions and hardware, stored in every log so that a number can be traced to where it was produced."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
+def flag_name(dest):
+    """The command-line flag of an argparse destination, 'large_lr_frac' -> '--large-lr-frac' (to name it in errors)."""
+    return "--" + dest.replace("_", "-")
+
+
+def resolve_preset(name, preset, given, per_run):
+    """A toy preset combined with the flags given on the command line; returns (config, runs, experiment name).
+
+    preset: {knob: value} for every knob of the experiment; each per-run knob (listed in `per_run`) holds a list with
+    one value per run, or one value for every run. given: {knob: value} of the flags the user gave. The rules:
+      * a preset sets every knob; any given flag overrides that knob for all runs of the preset;
+      * a per-run flag takes one value (applied to every run) or one value per run;
+      * a flag the preset does not use is rejected, and so are repeated seeds or two identical runs;
+      * with any override other than NEUTRAL_FLAGS the experiment is named '<name>_custom', so that a quick check
+        never overwrites the logs and figures of the paper's configuration.
+    runs: one {per-run knob: value} dict per run. Raises FlagError naming the offending flag.
+    """
+    for key in given:
+        if key not in preset and key not in NEUTRAL_FLAGS:
+            raise FlagError(flag_name(key), f"not used by --preset {name}")
+    config = {**preset, **given}
+    n_runs = max(len(preset[key]) for key in per_run)
+    for key in per_run:
+        if len(config[key]) not in (1, n_runs):
+            raise FlagError(flag_name(key), f"{len(config[key])} values, but --preset {name} has {n_runs} runs: give "
+                                            f"1 value (for every run) or {n_runs} (one per run)")
+    runs = [{key: config[key][i if len(config[key]) > 1 else 0] for key in per_run} for i in range(n_runs)]
+    for i, run in enumerate(runs):
+        if run in runs[:i]:
+            flag = next((flag_name(key) for key in per_run if key in given), "--preset")
+            raise FlagError(flag, f"runs {runs.index(run) + 1} and {i + 1} would be identical; give one value per run")
+    seeds = config.get("seeds", [])
+    if len(set(seeds)) < len(seeds):  # two runs of one seed would write one log and count twice in seed_summary
+        raise FlagError("--seeds", f"repeated seed in {' '.join(map(str, seeds))}")
+    experiment = name if set(given) <= set(NEUTRAL_FLAGS) else f"{name}_custom"
+    return config, runs, experiment
+
+
+def preset_help(presets, key, text):
+    """Help text of a preset knob followed by every preset's value of it (the flag's default depends on --preset)."""
+    def shown(value):
+        if isinstance(value, list):
+            return " ".join(map(shown, value))
+        return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    values = "; ".join(f"{name}: {shown(preset[key])}" for name, preset in presets.items() if key in preset)
+    return f"{text} [default by preset: {values}]"
+
+
+def toy_run_names(run):
+    """(label, file-name slug) of one toy run, e.g. ('SGD η = 0.282, ÷4.8 at 10 %', 'sgd_lr0.282_div4.8_at0.1').
+
+    run: lr, large_lr_frac, decay, and optionally algorithm (diagonal nets), warmup_factor and warmup_power (ReLU
+    toys). A run without decay (÷1) and without warmup (F = 1) is 'constant'.
+    """
+    warmup = run.get("warmup_factor", 1.0) != 1
+    decayed = run["decay"] != 1
+    parts = [f"η = {run['lr']:g}"]
+    if warmup:
+        parts.append(f"warmup ×{run['warmup_factor']:g} (p = {run['warmup_power']:g})")
+    if decayed:
+        parts.append(f"÷{run['decay']:g} at {100 * run['large_lr_frac']:g} %")
+    elif warmup:
+        parts.append(f"no decay after {100 * run['large_lr_frac']:g} %")
+    else:
+        parts.append("constant")
+    algorithm = run.get("algorithm")
+    label = (f"{algorithm.upper()} " if algorithm else "") + ", ".join(parts)
+    slug = run_slug(**({algorithm: True} if algorithm else {}), lr=float(run["lr"]),
+                    F=float(run["warmup_factor"]) if warmup else None, p=float(run["warmup_power"]) if warmup else None,
+                    div=float(run["decay"]) if decayed else None,
+                    at=float(run["large_lr_frac"]) if decayed or warmup else None)
+    return label, slug
+
+
+def eval_iterations(n_iters, n_points, dense_prefix=0):
+    """Evaluation iterations of the toy experiments, sorted and unique: {0..dense_prefix−1} ∪ round(linspace(0, N,
+    K))[:-1] with N = n_iters, K = n_points (the diagonal nets add every iteration below 100, as the authors do).
+
+    Metrics are taken BEFORE the update of each of these iterations; the last one is the "final" point at which the
+    authors print their numbers. np.round rounds halves to even (2.5 -> 2), like the authors' numpy. A point that
+    rounds to N (only when K > N) is dropped: there is no iteration N to evaluate before.
+    """
+    spread = np.round(np.linspace(0, n_iters, n_points)).astype(int)[:-1]
+    dense = np.arange(min(dense_prefix, n_iters))
+    evals = np.unique(np.concatenate([dense, spread]))
+    return evals[evals < n_iters]
+
+
+def seed_summary(seeds, statuses, finals):
+    """One run over its seeds (large-step runs sit at the edge of divergence, so they are compared over seeds):
+    which seeds diverged, and the median of every metric of the final records of the others.
+
+    seeds, statuses, finals: one entry per seed (a deterministic run has seeds [None]); finals are the logs' `final`
+    records (the last evaluation, before its update). Only 'completed' seeds enter the medians; `iter` and `lr` are
+    not metrics, and a metric some completed seed lacks (or logged as null) is taken over the seeds that have it.
+    Both toy scripts store the result as the `seed_summary` key of every log of the run.
+    """
+    done = [final for status, final in zip(statuses, finals) if status == "completed"]
+    diverged = [seed for seed, status in zip(seeds, statuses) if status == "diverged"]
+    medians = None
+    if done:
+        keys = [key for key in done[0] if key not in ("iter", "lr")]
+        values = {key: [final[key] for final in done if final.get(key) is not None] for key in keys}
+        medians = {key: float(np.median(found)) for key, found in values.items() if found}
+    return {"seeds": list(seeds), "diverged_seeds": diverged, "fraction_diverged": len(diverged) / len(seeds),
+            "median_final": medians, "final_iter": done[0]["iter"] if done else None}
 
 
 # ======================================================================================================================
-# JSON run logs
+# 4. Run logs and command line
 # ======================================================================================================================
 
 RUN_STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
@@ -306,904 +560,150 @@ def format_seconds(seconds):
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-# ======================================================================================================================
-# Metrics (SPEC §1)
-# ======================================================================================================================
-
-# Correlations are bounded and computed in float32 (fast matrix products) with proven error bounds; any pair whose
-# float32 |correlation| lies within the error margin of the threshold is recomputed in float64, so the kept set equals
-# that of an exact float64 computation (see duplicate_columns).
-_CORR_RECHECK_MARGIN = 1e-3  # smallest half-width of the band around τ that is decided in float64
-_CORR_BLOCK = 256  # columns per block of the upper-triangular correlation pass
-_SUM_CHUNK = 16  # float32 partial sums run over at most 16 rows (rounding error ≤ γ_16 ≈ 1e-6), then float64
-_SUM_SLAB = 2 ** 22  # elements per slab of rows squared at once (16 MB: reused memory, no page faults)
-_FLOAT32_ROUNDOFF = 2.0 ** -24  # unit roundoff u of float32
-_MAX_COLUMN_ERROR = 1e-4  # columns whose float32 standardisation error bound exceeds this are standardised in float64
-
-
-def _as_activation_matrix(phi):
-    """N×... numpy array or tensor -> float N×M tensor (trailing dims flattened: one neuron per channel×position)."""
-    phi = torch.as_tensor(phi)
-    if phi.dim() < 2:
-        raise ValueError(f"feature_sparsity expects an N×M activation matrix, got shape {tuple(phi.shape)}")
-    phi = phi.reshape(phi.shape[0], -1)
-    return phi if phi.is_floating_point() else phi.float()
-
-
-def _standardized_columns(x):
-    """Centre each column and scale it to unit L2 norm, in float64 (Pearson correlation = dot product of such columns).
-
-    Columns with zero variance (detected exactly, as max == min) have an undefined (NaN) correlation; they are returned
-    as all-zero columns, whose dot product with anything is 0, so they never delete and are never deleted.
-    """
-    x = x.double()
-    constant = x.amax(dim=0) == x.amin(dim=0)
-    centred = x - x.mean(dim=0, keepdim=True)
-    centred[:, constant] = 0
-    norms = centred.norm(dim=0)
-    return centred / torch.where(constant, torch.ones_like(norms), norms)
-
-
-def _gamma(n):
-    """γ_n = n·u/(1 − n·u): the classic bound on the relative rounding error of a float32 sum or dot product of
-    length n, whatever the summation order (Higham, Accuracy and Stability of Numerical Algorithms, §3.1)."""
-    return n * _FLOAT32_ROUNDOFF / (1 - n * _FLOAT32_ROUNDOFF)
-
-
-def _column_sums(x, term=None):
-    """Per-column Σ over the rows of term(x) (default: x itself; e.g. x > 0 counts positives), in float64.
-
-    float32 partial sums over _SUM_CHUNK rows, added up in float64: error ≤ γ_16·Σ|terms| + O(1e-16), at float32
-    speed (a float64 reduction is ~6× slower on CPU); counts are exact. Terms are formed slab by slab, so no N×M
-    temporary is allocated (on CPU, touching fresh memory costs more than the arithmetic: 5× here).
-    """
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for part in x.split(max(_SUM_CHUNK, _SUM_SLAB // max(x.shape[1], 1) // _SUM_CHUNK * _SUM_CHUNK)):
-        if term is not None:
-            part = term(part)
-        whole = part.shape[0] - part.shape[0] % _SUM_CHUNK
-        counting = torch.int32 if part.dtype == torch.bool else None  # bools: int32 sums are 4× faster than int64
-        total += part[:whole].reshape(-1, _SUM_CHUNK, x.shape[1]).sum(dim=1, dtype=counting).double().sum(dim=0)
-        total += part[whole:].double().sum(dim=0)
-    return total
-
-
-class _Float32Standardized:
-    """The columns of x centred and scaled to unit norm in float32, formed on demand, with a proven error bound.
-
-    rows(k) and columns(index) return the standardised entries (no N×M array is ever formed); eps[i] bounds
-    ‖z_i − ẑ_i‖₂, where z_i is column i as returned and ẑ_i the exactly standardised column (all zero if constant, as
-    in _standardized_columns). Error budget (u = 2⁻²⁴, g = γ_16 + 3u, ρ_i = mean|x_i| / std_i): rounding x to
-    float32, the chunked mean and its rounding shift every centred entry by ≤ g·mean|x_i|, which moves the unit
-    vector by ≤ 2g·ρ_i; the subtraction, the chunked sum of squares and the scaling add ≤ g + 2u·ρ_i. Hence
-    eps_i = g·(1 + 3ρ_i). Columns where that exceeds _MAX_COLUMN_ERROR (nearly constant ones, ρ_i ≳ 30) are
-    standardised in float64 instead (eps_i = 2u).
-    """
-
-    def __init__(self, x):
-        n_rows = x.shape[0]
-        low = x.amin(dim=0)
-        constant = x.amax(dim=0) == low  # exact zero variance, tested in the input's own dtype
-        self.x, self.x32 = x, x.float()
-        sums = _column_sums(self.x32)
-        abs_sums = sums if low.min() >= 0 else _column_sums(self.x32, torch.abs)  # ReLU outputs: Σ|x| = Σx
-        self.shift = (sums / n_rows).float()
-        scale = _column_sums(self.x32, lambda part: (part - self.shift).square_()).sqrt()  # ‖x_i − mean_i‖₂
-        self.inverse = torch.where(constant, 0.0, 1.0 / scale).float()
-        g = _gamma(_SUM_CHUNK) + 3 * _FLOAT32_ROUNDOFF
-        eps = g * (1 + 3 * abs_sums / (math.sqrt(n_rows) * scale))  # ρ_i = Σ|x_i| / (√N·scale)
-        self.eps = torch.where(constant, 0.0, eps.nan_to_num(nan=math.inf))  # scale 0, not constant: float64 path
-        self.fragile = self.eps > _MAX_COLUMN_ERROR
-        self.eps[self.fragile] = 2 * _FLOAT32_ROUNDOFF
-
-    def rows(self, step):
-        """Every step-th example (row) of all the standardised columns."""
-        z = (self.x32[::step] - self.shift).mul_(self.inverse)
-        if self.fragile.any():
-            z[:, self.fragile] = _standardized_columns(self.x[:, self.fragile])[::step].float()
-        return z
-
-    def columns(self, index):
-        """The standardised columns `index` (a 1-D index tensor), all examples."""
-        # index_select gathers ~5× faster than fancy indexing; in-place ops: fresh memory is costly on CPU
-        z = self.x32.index_select(1, index).sub_(self.shift[index]).mul_(self.inverse[index])
-        fragile = self.fragile[index]
-        if fragile.any():
-            z[:, fragile] = _standardized_columns(self.x[:, index[fragile]]).float()
-        return z
-
-
-def duplicate_columns(x, corr_threshold):
-    """Boolean mask of the columns that the greedy de-duplication of SPEC §1.1 (step 5) deletes.
-
-    Greedy rule, in column order: column i is deleted if |corr(i, j)| > τ for any column j still present. When i is
-    visited every later column is still present, and every earlier column still present was kept, so it has no partner
-    after it (in particular not i). Hence i is deleted exactly when |corr(i, j)| > τ for some j > i: threshold the
-    strict upper triangle of the correlation matrix and reduce over rows. No loop over neurons.
-    Speed, exactly: with unit (standardised) columns z, corr(i, j) = ⟨z_i, z_j⟩ splits over a head sample S of the
-    examples (every k-th, 1/k ≈ 2(1 − τ): every 10th at τ = 0.95) and the rest R, so by Cauchy–Schwarz
-    |corr(i, j)| ≤ |⟨z_i^S, z_j^S⟩| + ‖z_i^R‖·‖z_j^R‖ ≈ |corr(i, j)|/k + 1 − 1/k. The head products cost 1/k of the
-    full correlation matrix, and only pairs whose bound reaches τ (|corr| ≳ 1/2: few per column) get their full
-    correlation computed. Everything runs in float32 with proven rounding error bounds; pairs within that margin of τ
-    are recomputed in float64, so the result is that of an exact float64 computation. (10752 × 4096 with a third
-    duplicated columns: ~4× faster than the full float32 matrix on one CPU core; see benchmark.py.)
-    """
-    n_rows, n_cols = x.shape
-    deleted = torch.zeros(n_cols, dtype=torch.bool, device=x.device)
-    if n_cols < 2:
-        return deleted
-    z = _Float32Standardized(x)
-    err = z.eps.max().item()
-    # |float32 value − exact| ≤ γ_{N+2}(1 + err)² (products of rounded unit columns) + 2·err + err² (column errors)
-    margin = max(_CORR_RECHECK_MARGIN, _gamma(n_rows + 2) * (1 + err) ** 2 + 2 * err + err ** 2)
-    head = z.rows(max(1, round(0.5 / (1 - corr_threshold))) if corr_threshold < 1 else 1)
-    # ‖z_i^R‖² = ‖z_i‖² − ‖z_i^S‖² with ‖z_i‖ ≤ 1 + eps_i (squares summed in float64)
-    rest = ((1 + z.eps) ** 2 - head.double().square().sum(dim=0)).clamp_(min=0).sqrt_().float()
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # the bounds assume true float32 products (no TF32 on a GPU)
-    try:
-        pairs = []
-        for start in range(0, n_cols, _CORR_BLOCK):
-            clear, ambiguous = _duplicates_in_block(z, head, rest, start, corr_threshold - margin,
-                                                    corr_threshold + margin)
-            deleted[start:start + _CORR_BLOCK] |= clear
-            pairs.append(ambiguous)
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    pairs = torch.cat(pairs)
-    pairs = pairs[~deleted[pairs[:, 0]]]  # rows already deleted by a clear partner need no recheck
-    for chunk in pairs.split(1024):  # bounded memory: N × 1024 float64 per side
-        exact = (_standardized_columns(x[:, chunk[:, 0]]) * _standardized_columns(x[:, chunk[:, 1]])).sum(dim=0)
-        deleted[chunk[exact.abs() > corr_threshold, 0]] = True
-    return deleted
-
-
-def _duplicates_in_block(z, head, rest, start, lower, upper):
-    """Columns i of the block [start, start + _CORR_BLOCK) against all j > i: which i have a partner with float32
-    |corr| > upper, and the (i, j) pairs with lower < |corr| ≤ upper, to be decided in float64."""
-    stop = min(start + _CORR_BLOCK, head.shape[1])
-    # upper bound on |corr(i, j)| for j ≥ start; pairs j ≤ i only occur in the block's own (diagonal) square
-    bound = (head[:, start:stop].T @ head[:, start:]).abs_().addcmul_(rest[start:stop, None], rest[None, start:])
-    bound[:, :stop - start].triu_(diagonal=1)
-    candidate = bound > lower
-    clear = torch.zeros(stop - start, dtype=torch.bool, device=head.device)
-    own = candidate.any(dim=1).nonzero().squeeze(1)  # block columns (from start) in some candidate pair...
-    partners = candidate[own].any(dim=0).nonzero().squeeze(1)  # ...and their partners: full correlations only there
-    both = z.columns(start + torch.cat([own, partners]))  # one gather for the two sides
-    corr = (both[:, :own.numel()].T @ both[:, own.numel():]).abs_()
-    candidate = candidate[own][:, partners]
-    clear[own] = (candidate & (corr > upper)).any(dim=1)
-    rows, cols = torch.nonzero(candidate & (corr > lower) & (corr <= upper), as_tuple=True)
-    return clear, torch.stack([own[rows] + start, partners[cols] + start], dim=1)
-
-
-def feature_sparsity(phi, corr_threshold=0.95, max_neurons=None, seed=0):
-    """Feature sparsity coefficient of SPEC §1.1: returns (density, dedup_density), both in [0, 1]; lower = sparser.
-
-    phi: N×M post-ReLU activations (numpy array or tensor; N examples, M neurons; extra trailing dimensions, e.g.
-    the channel×height×width of a conv layer, are flattened so that every position is one neuron).
-      1. density = fraction of positive entries of phi (on all M columns).
-      2. if max_neurons is set and M > max_neurons, keep a random subset of max_neurons columns (seeded, without
-         replacement, in their original order); M' = the number of columns from here on.
-      3. drop columns that are never positive ("dead" neurons).
-      4.-5. greedy de-duplication: drop column i if its Pearson correlation with a later column has |C| > τ.
-      6. dedup_density = positive entries of the kept columns / (N·M'); dead and deleted columns stay in M'.
-    Paper settings: τ = 0.95 with max_neurons = 1000 for deep nets, τ = 0.99 / 0.999 for the ReLU toys (SPEC §1.1).
-    Runs on the tensor's device (pass a CUDA tensor to compute on the GPU).
-    """
-    phi = _as_activation_matrix(phi)
-    if phi.numel() == 0:
-        raise ValueError(f"feature_sparsity needs at least one example and one neuron, got shape {tuple(phi.shape)}")
-    counts = _column_sums(phi, lambda part: part > 0)  # positive entries per column (exact integers in float64)
-    density = counts.sum().item() / phi.numel()
-    subset = neuron_subset(phi.shape[1], max_neurons, seed)
-    if subset is not None:
-        subset = subset.to(phi.device)
-        phi, counts = phi.index_select(1, subset), counts[subset]
-    return density, _dedup_density(phi, counts, corr_threshold)
-
-
-def neuron_subset(n_cols, max_neurons, seed=0):
-    """Sorted indices of the max_neurons columns kept by SPEC §1.1 step 2, or None when no subsampling is needed.
-
-    The subset depends only on (n_cols, max_neurons, seed), so every evaluation of a run measures the same neurons.
-    """
-    if max_neurons is None or n_cols <= max_neurons:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_cols, generator=generator)[:max_neurons].sort().values
-
-
-def dedup_density(phi, corr_threshold):
-    """De-duplicated density of an (already subsampled) N×M' activation matrix: SPEC §1.1 steps 3-6."""
-    return _dedup_density(phi, _column_sums(phi, lambda part: part > 0), corr_threshold)
-
-
-def _dedup_density(phi, counts, corr_threshold):
-    """dedup_density, given the number of positive entries of each column."""
-    alive = counts > 0
-    if not alive.all():  # no copy when no neuron is dead
-        phi = phi.index_select(1, alive.nonzero().squeeze(1))
-    deleted = duplicate_columns(phi, corr_threshold)
-    return counts[alive][~deleted].sum().item() / (phi.shape[0] * counts.numel())
-
-
-def _neuron_columns(output, subset):
-    """A copy of the columns `subset` (all if None) of output flattened per example in NCHW order, i.e. one column
-    per channel×position (SPEC §1.1). A channels_last map is read in its own layout: flattening it in NCHW order
-    would first copy the whole map."""
-    n = output.shape[0]
-    if subset is None:  # at most max_neurons columns: an extra copy costs nothing worth special-casing
-        return output.reshape(n, -1).clone()
-    if output.dim() == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
-        channels, positions = output.shape[1], output.shape[2] * output.shape[3]
-        nhwc = output.permute(0, 2, 3, 1).reshape(n, -1)  # a view: NCHW column c·HW + p is NHWC column p·C + c
-        return nhwc[:, (subset % positions) * channels + subset // positions]
-    return output.reshape(n, -1)[:, subset]
-
-
-class BlockActivations:
-    """Forward hooks that gather, for the feature sparsity metric, the outputs of named modules of ANY torch model.
-
-    blocks: {name used in results: module path for model.get_submodule, or the module itself}. While the context is
-    open, every forward pass adds its batch: each block's positive-entry count (for the raw density over all neurons)
-    and its output restricted to the neuron subset of SPEC §1.1 step 2 (so a 64×32×32 conv map never has to be held
-    for 10 752 images). One forward pass serves all blocks (the authors' code ran one pass per block).
-
-        with utils.BlockActivations(model, {"layer4": "layer4", "pooled": "avgpool"}) as acts, torch.no_grad():
-            for x in batches:
-                model(x)
-        print(acts.feature_sparsity(corr_threshold=0.95))   # {"layer4": (density, dedup_density), ...}
-    """
-
-    def __init__(self, model, blocks, max_neurons=1000, seed=0):
-        self.max_neurons, self.seed = max_neurons, seed
-        self.modules = {name: model.get_submodule(m) if isinstance(m, str) else m for name, m in blocks.items()}
-        self.handles, self.positives, self.counts, self.kept, self.subsets = [], {}, {}, {}, {}
-
-    def __enter__(self):
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc_info):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        return False
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            output = output.detach()
-            if name not in self.subsets:
-                subset = neuron_subset(output[0].numel(), self.max_neurons, self.seed)
-                self.subsets[name] = None if subset is None else subset.to(output.device)
-                self.positives[name], self.counts[name], self.kept[name] = 0, 0, []
-            # count_nonzero of the mask: ~15× faster on CPU than (output > 0).sum(), which widens the bools to int64.
-            # Stays on the device: no host sync per batch.
-            self.positives[name] = self.positives[name] + torch.count_nonzero(output > 0)
-            self.counts[name] += output.numel()
-            # a copy either way: a later in-place op of the model (e.g. ReLU(inplace=True)) must not alter it
-            self.kept[name].append(_neuron_columns(output, self.subsets[name]))
-
-        return hook
-
-    def feature_sparsity(self, corr_threshold=0.95):
-        """{block name: (density, dedup_density)} over all batches seen so far (SPEC §1.1)."""
-        return {name: (int(self.positives[name]) / self.counts[name],
-                       dedup_density(torch.cat(self.kept[name]), corr_threshold))
-                for name in self.modules if name in self.kept}
-
-
-@torch.no_grad()
-def block_feature_sparsity(model, blocks, batches, corr_threshold=0.95, max_neurons=1000, seed=0):
-    """Feature sparsity of several blocks of a model from one forward pass per batch, in eval mode (SPEC §1.1).
-
-    batches: an iterable of model inputs (e.g. `(x.to(device) for x, _ in loader)`). Returns
-    {block name: (density, dedup_density)}. The model's train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with BlockActivations(model, blocks, max_neurons, seed) as acts:
-            for batch in batches:
-                model(batch)
-    finally:
-        model.train(was_training)
-    return acts.feature_sparsity(corr_threshold)
-
-
-def jacobian_rank(jacobian, eps):
-    """Numerical rank of a Jacobian (SPEC §1.2): #{k : σ_k / σ_1 > eps}, singular values in float64.
-
-    jacobian: P×D matrix whose row i is ∇_θ h_θ(x_i) (numpy array or tensor). An all-zero matrix has rank 0.
-    """
-    jac = torch.as_tensor(jacobian).double()
-    if jac.numel() == 0:
-        return 0
-    singular_values = torch.linalg.svdvals(jac)
-    if singular_values[0] <= 0:
-        return 0
-    return int((singular_values / singular_values[0] > eps).sum().item())
-
-
-def model_jacobian(model, x):
-    """Rows ∇_θ h_θ(x_i) for a scalar-output torch model, one per input row, as a P×(#params) tensor.
-
-    Uses torch.func (per-example gradients by vmap), so no Python loop over points.
-    """
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def scalar_output(p, xi):
-        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(())
-
-    grads = torch.func.vmap(torch.func.grad(scalar_output), in_dims=(None, 0))(params, x)
-    return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
-
-
-# ======================================================================================================================
-# Step-size schedules (SPEC §2)
-# ======================================================================================================================
-
-
-def toy_step_sizes(n_iters, lr, decay_frac=None, decay=1.0, warmup_factor=1.0, warmup_power=1.0):
-    """Per-iteration step sizes of the toy experiments (SPEC §2), as a float64 array of length n_iters.
-
-    Iteration i (0-based) uses η_i = lr·(1 + (F − 1)·(i/N)^p) while i ≤ k = ⌊T·N⌋ (N = n_iters, F = warmup_factor,
-    p = warmup_power; F = 1 means no warmup, i.e. η_i = lr), and η_k / d for every i > k: the single decay by
-    d = `decay` is applied after iteration k's update. decay_frac=None means a constant step size lr.
-    Note i/N divides by the TOTAL iteration count, not the warmup length, as in the authors' code.
-    """
-    if decay_frac is None:
-        return np.full(n_iters, float(lr))
-    last_large = math.floor(decay_frac * n_iters)
-    steps = np.arange(n_iters, dtype=np.float64)
-    warm = lr * (1.0 + (warmup_factor - 1.0) * (steps / n_iters) ** warmup_power)
-    peak = lr * (1.0 + (warmup_factor - 1.0) * (last_large / n_iters) ** warmup_power)
-    return np.where(steps <= last_large, warm, peak / decay)
-
-
-def deep_step_size(epoch, epochs, lr, schedule="piecewise", warmup_exp=1.0, large_frac=0.5):
-    """Step size of the deep-net experiments at fractional epoch `epoch` (SPEC §2 table).
-
-    constant: lr. piecewise: a large-step phase for epoch < T·E (T = large_frac, E = epochs), then ÷10 until 0.9·E,
-    then ÷100. During the large-step phase, with u = 100·epoch/E (one unit per 1 % of training):
-      w > 1: exponential warmup lr·w^u;  w < 1: power warmup lr·(1 + u^w);  w = 1: no warmup, lr.
-    Both later phases start from the value the warmup reached at T·E (peak multiplier w^(100T), e.g. 11.467 for
-    w = 1.05, T = 0.5). Called before every SGD step with that step's fractional epoch.
-    """
-    if schedule == "constant":
-        return lr
-    if schedule != "piecewise":
-        raise ValueError(f"unknown schedule {schedule!r}")
-
-    def warmed(u):
-        if warmup_exp > 1:
-            return lr * warmup_exp ** u
-        if warmup_exp < 1:
-            return lr * (1.0 + u ** warmup_exp)
-        return lr
-
-    if epoch < large_frac * epochs:
-        return warmed(100.0 * epoch / epochs)
-    peak = warmed(100.0 * large_frac)
-    return peak / 10 if epoch < 0.9 * epochs else peak / 100
-
-
-# ======================================================================================================================
-# Toy-model helpers, shared by diag_net.py and two_layer_relu.py (SPEC E1–E6)
-# ======================================================================================================================
-
-
-def flag_name(dest):
-    """The command-line flag of an argparse destination, 'decay_frac' -> '--decay-frac' (to name it in errors)."""
-    return "--" + dest.replace("_", "-")
-
-
-def eval_iterations(n_iters, n_points, dense_prefix=0):
-    """Evaluation iterations of the toy experiments, sorted and unique: {0..dense_prefix−1} ∪ round(linspace(0, N,
-    K))[:-1] with N = n_iters, K = n_points (SPEC E1: the diagonal nets add every iteration below 100).
-
-    Metrics are taken BEFORE the update of each of these iterations, so the last one is the "final" point of SPEC E1.
-    np.round rounds halves to even (2.5 -> 2), like the authors' numpy. A point that rounds to N (only when K > N)
-    is dropped: there is no iteration N to evaluate before.
-    """
-    spread = np.round(np.linspace(0, n_iters, n_points)).astype(int)[:-1]
-    dense = np.arange(min(dense_prefix, n_iters))
-    evals = np.unique(np.concatenate([dense, spread]))
-    return evals[evals < n_iters]
-
-
-def seed_summary(seeds, statuses, finals):
-    """One run over its seeds (SPEC E1: the large-step runs sit at the edge of divergence, so compare over seeds):
-    which seeds diverged, and the median of every metric of the final records of the others.
-
-    seeds, statuses, finals: one entry per seed (a deterministic run has seeds [None]); finals are the logs' `final`
-    records (the last evaluation, before its update). Only 'completed' seeds enter the medians; `iter` and `lr` are
-    not metrics, and a metric some completed seed lacks (or logged as null) is taken over the seeds that have it.
-    Both toy scripts store the result as the `seed_summary` key of every log of the run.
-    """
-    done = [final for status, final in zip(statuses, finals) if status == "completed"]
-    diverged = [seed for seed, status in zip(seeds, statuses) if status == "diverged"]
-    medians = None
-    if done:
-        keys = [key for key in done[0] if key not in ("iter", "lr")]
-        values = {key: [final[key] for final in done if final.get(key) is not None] for key in keys}
-        medians = {key: float(np.median(found)) for key, found in values.items() if found}
-    return {"seeds": list(seeds), "diverged_seeds": diverged, "fraction_diverged": len(diverged) / len(seeds),
-            "median_final": medians, "final_iter": done[0]["iter"] if done else None}
-
-
-# ======================================================================================================================
-# Deep-net training (SPEC E7–E10), shared by train_resnet.py and train_densenet.py
-# ======================================================================================================================
-
-SPARSITY_TAU_DEEP = 0.95  # SPEC §1.1: de-duplication threshold for deep nets
-_DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks (one host sync each, never one per step)
-
-
-def add_deep_net_arguments(parser, script, lr, warmup_exp):
-    """The command-line flags both deep-net scripts share (same name, same meaning); defaults = the paper's E7."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=IMAGE_DATASETS,
-                      help="image classification data set; 'synthetic' is a small generated set for offline tests")
-    data.add_argument("--data-dir", default="./data",
-                      help="folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/")
-    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                      help="download the data set into --data-dir if it is missing")
-    data.add_argument("--n-train", type=positive_int, default=None,
-                      help="use only the first N training images (default: all)")
-    optim = parser.add_argument_group("optimisation (SPEC §2)")
-    optim.add_argument("--epochs", type=positive_int, default=100, help="training epochs E")
-    optim.add_argument("--batch-size", type=positive_int, default=256, help="SGD mini-batch size")
-    optim.add_argument("--lr", type=positive_float, default=lr,
-                       help="η0: the initial step size, BEFORE warmup (the peak is η0·w^(100T) for w > 1)")
-    optim.add_argument("--lr-schedule", default="piecewise", choices=["constant", "piecewise"],
-                       help="constant η0, or a large-step phase for T·E epochs then ÷10, and ÷100 from 0.9·E")
-    optim.add_argument("--warmup-exp", type=positive_float, default=warmup_exp,
-                       help="w: exponential warmup η0·w^u if w > 1 (u = %% of training done), power warmup "
-                            "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
-    optim.add_argument("--large-lr-frac", type=positive_float, default=0.5,
-                       help="T: fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
-    optim.add_argument("--momentum", type=nonnegative_float, default=0.0, help="SGD (heavy-ball) momentum, in [0, 1)")
-    optim.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
-                       help="L2 penalty coefficient on all parameters (SPEC §4)")
-    optim.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                       help="random crop (4-pixel zero padding) and horizontal flip, done per batch on the device")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval-every", type=positive_int, default=200,
-                            help="iterations between evaluations (and checkpoints)")
-    evaluation.add_argument("--sparsity-examples", type=positive_int, default=10752,
-                            help="fixed unaugmented training images used for the feature sparsity and the train "
-                                 "loss/error (capped at the training-set size)")
-    evaluation.add_argument("--sparsity-neurons", type=positive_int, default=1000,
-                            help="neurons sampled per block for the de-duplicated sparsity (SPEC §1.1)")
-    evaluation.add_argument("--eval-batch-size", type=positive_int, default=None,
-                            help="images per forward pass during evaluation (default: 128 on CPU, where small "
-                                 "batches stay in cache and run ~2× faster than 512; 512 on GPU); lower it if "
-                                 "memory is short")
-    run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the initialisation, batches and augmentation")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                     help="auto = CUDA if available, else MPS, else CPU")
-    run.add_argument("--out-dir", default=os.path.join("runs", script),
-                     help="folder for the JSON log and the checkpoint of this run")
-    run.add_argument("--resume", action="store_true",
-                     help="continue this run (same flags) from its last checkpoint in --out-dir")
-    run.add_argument("--stop-at-epoch", type=positive_int, default=None,
-                     help="checkpoint and stop after this many epochs (e.g. to fit a job time limit); "
-                          "continue later with --resume")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
-                     help="CUDA matmul/conv precision: exact fp32, TF32 tensor cores, or bf16 autocast "
-                          "(CPU always runs fp32)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="NHWC memory format for images and conv weights (faster convolutions on CPU and GPU)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic CUDA kernels (cuDNN benchmark off); slower, bit-reproducible on one GPU")
-
-
-def check_deep_net_args(args):
-    """Cross-flag checks argparse cannot express, as one-line usage errors."""
-    if args.lr_schedule == "piecewise" and not args.large_lr_frac < 0.9:
-        usage_error("--large-lr-frac", f"must be below 0.9 (the ÷100 phase starts at 0.9·E), got {args.large_lr_frac}")
-    if args.momentum >= 1:
-        usage_error("--momentum", f"must be in [0, 1), got {args.momentum}")
-    if args.stop_at_epoch is not None and args.stop_at_epoch >= args.epochs:
-        usage_error("--stop-at-epoch", f"must be below --epochs ({args.epochs}), got {args.stop_at_epoch}")
-
-
-def default_eval_batch_size(device):
-    """Images per evaluation forward pass: 128 on CPU, where small batches stay in cache (measured on a 2-core CPU,
-    ResNet-18 width 16: 10 240 images in 1.9 s at 128, 3.8 s at 512), 512 on accelerators."""
-    return 128 if device.type == "cpu" else 512
-
-
-def _configure_backend(args, device):
-    """Apply --precision / --deterministic and resolve the device-dependent default of --eval-batch-size; returns the
-    precision actually used (CPU always runs fp32)."""
-    if args.eval_batch_size is None:
-        args.eval_batch_size = default_eval_batch_size(device)
-    precision = args.precision if device.type == "cuda" else "fp32"
-    if precision != args.precision:
-        print(f"note: --precision {args.precision} applies to CUDA only; running fp32 on {device.type}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = precision != "fp32"  # PyTorch enables TF32 convs by default
-        torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cudnn.deterministic = args.deterministic
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    return precision
-
-
-def _has_broken_onednn_conv(model):
-    """True if the model has a 1×1 strided convolution with 2-7 input channels: torch 2.14's oneDNN CPU backward of
-    such a conv in channels_last segfaults, hangs or returns wrong weight gradients on AVX2 CPUs (its AVX2 1×1 kernel;
-    reproduced on an AVX-512 machine with ONEDNN_MAX_CPU_ISA=AVX2: relative weight-gradient errors up to 1.0 against
-    the NCHW gradient, then a crash or a hang; 1 and 8+ input channels, and AVX-512 kernels, are exact). It appears at
-    tiny widths (ResNet-18 shortcuts at --width 2-7); DenseNet's 1×1 convolutions have stride 1. The fallback applies
-    on every CPU on purpose: oneDNN picks its kernels at run time (and ONEDNN_MAX_CPU_ISA can lower them), so the
-    instruction set torch reports does not tell which kernel will run; at these tiny widths NCHW costs little."""
-    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
-               and 2 <= m.in_channels <= 7 for m in model.modules())
-
-
-def apply_channels_last(args, model, device):
-    """Move the model to channels_last if --channels-last (measurably faster convolutions on CPU and GPU), except on
-    the CPU for models that hit the oneDNN bug above: then args.channels_last is set to False (so the logged config
-    and the input batches follow) with a note. Returns the model."""
-    if args.channels_last and device.type == "cpu" and _has_broken_onednn_conv(model):
-        print("note: running without channels_last: torch's CPU backward of a channels_last 1×1 strided conv with "
-              "2-7 input channels is broken (crashes or wrong gradients); use --width 8 or more for channels_last")
-        args.channels_last = False
-    return model.to(memory_format=torch.channels_last) if args.channels_last else model
-
-
-def schedule_label(args):
-    """Human label of a run's step-size schedule, used as the run name in logs and plot legends."""
-    if args.lr_schedule == "constant":
-        label = f"η = {args.lr:g} constant"
-    elif args.warmup_exp == 1:
-        label = f"η0 = {args.lr:g}, decay at {100 * args.large_lr_frac:g} %"
-    else:
-        kind = "exp." if args.warmup_exp > 1 else "power"
-        label = f"η0 = {args.lr:g}, {kind} warmup w = {args.warmup_exp:g}, decay at {100 * args.large_lr_frac:g} %"
-    if args.momentum or args.weight_decay or args.augment:
-        label += f" (mom {args.momentum:g}, wd {args.weight_decay:g}{', aug' if args.augment else ''})"
-    return label
-
-
-class DeepNetRun:
-    """One training run of a deep net: data on the device, SGD with the SPEC §2 schedule, evaluation, log, checkpoint.
-
-    Batches are index slices of a per-epoch permutation and augmentation draws its random numbers from (seed, step)
-    (see epoch_permutation / augment_batch), so a run is a pure function of its flags and the step counter: resuming
-    from a checkpoint replays exactly the batches an uninterrupted run would have seen.
-    """
-
-    def __init__(self, args, model, data, script, experiment, blocks, run_parts, device, precision):
-        self.args, self.model, self.data, self.blocks, self.device = args, model, data, blocks, device
-        self.autocast = precision == "bf16"
-        n_train = data.train_images.shape[0]
-        self.steps_per_epoch = math.ceil(n_train / args.batch_size)  # last batch may be smaller: no image dropped
-        self.total_steps = args.epochs * self.steps_per_epoch
-        self.n_sparsity = min(args.sparsity_examples, n_train)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                         weight_decay=args.weight_decay)
-        self.train_forward = torch.compile(model) if args.compile else model  # evaluation runs eager (hooks)
-        name = f"{experiment}_{run_slug(**run_parts)}_seed{args.seed}"
-        self.log_path = os.path.join(args.out_dir, name + ".json")
-        self.checkpoint_path = os.path.join(args.out_dir, name + ".pt")
-        self.step, self.cached_epoch, self.permutation = 0, None, None
-        # sum of the mini-batch losses since the last evaluation, kept on the device (no host sync per step)
-        self.window_loss, self.window_steps = torch.zeros((), device=device), 0
-        self.elapsed_before, self.clock = 0.0, None  # wall time of the earlier parts of a resumed run
-        self.stop_requested = 0  # number of the signal (Ctrl-C, SIGTERM) that asked the run to stop; 0 = none
-        config = {k: v for k, v in vars(args).items() if k != "resume"}
-        config.update(n_train=n_train, n_test=data.test_images.shape[0], num_classes=data.num_classes,
-                      steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                      sparsity_examples_used=self.n_sparsity, precision_used=precision, blocks=list(blocks))
-        env = environment_info(device)
-        env.update(n_params=sum(p.numel() for p in model.parameters()), deterministic=args.deterministic,
-                   compile=args.compile, channels_last=args.channels_last, precision=precision)
-        history = self._resume() if args.resume else []
-        self.log = RunLog(self.log_path, script, config, env, history=history, experiment=experiment,
-                          run=schedule_label(args), seed=args.seed)
-
-    # ---------------------------------------------------------------------------------------------- checkpoints ----
-
-    def _resume(self):
-        """Load the checkpoint of this exact run (same flags); returns the log history up to the checkpointed step."""
-        if not os.path.exists(self.checkpoint_path):
-            usage_error("--resume", f"no checkpoint at {self.checkpoint_path}; start the run without --resume "
-                                    "(resume needs the same flags and --out-dir as the original run)")
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        # flags that may differ between the parts of a run: evaluation never changes the training trajectory, and the
-        # memory format only its rounding (channels_last is also switched off by apply_channels_last on some models)
-        ignored = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last"}
-        changed = [k for k, v in state["args"].items() if k not in ignored and vars(self.args).get(k) != v]
-        if changed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-            usage_error("--resume", f"the checkpoint was made with different {flags}; use the original flags")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.window_loss = torch.tensor(state["window_loss"], device=self.device)
-        self.window_steps, self.elapsed_before = state["window_steps"], state["elapsed"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
-        with open(self.log_path) as f:
-            history = json.load(f)["history"]
-        print(f"resuming {self.log_path} at iteration {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
-        return [record for record in history if record["iter"] <= self.step]
-
-    def save_checkpoint(self):
-        """Model, optimizer, step and RNG states, written to a temp file then renamed (never a broken checkpoint)."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "window_loss": self.window_loss.item(), "window_steps": self.window_steps,
-                 "elapsed": self.clock.elapsed(), "args": vars(self.args), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                 "numpy_rng": np.random.get_state()}
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
-
-    # ---------------------------------------------------------------------------------------------- training -------
-
-    def batch(self, step):
-        """Images (float, on device) and labels of SGD step `step`: a slice of this epoch's seeded permutation."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self.cached_epoch:
-            n_train = self.data.train_images.shape[0]
-            self.permutation = epoch_permutation(n_train, epoch, self.args.seed, self.device)
-            self.cached_epoch = epoch
-        indices = self.permutation[index * self.args.batch_size:(index + 1) * self.args.batch_size]
-        images = self.data.train_images[indices]
-        if self.args.augment:
-            images = augment_batch(images, self.args.seed, step)
-        return images_to_float(images, self.args.channels_last), self.data.train_labels[indices]
-
-    def train_step(self, step):
-        """One SGD step; the step size is set from this step's fractional epoch (SPEC §2).
-
-        Returns the loss as a device tensor (no host sync) and the number of images in the batch."""
-        lr = deep_step_size(step / self.steps_per_epoch, self.args.epochs, self.args.lr, self.args.lr_schedule,
-                            self.args.warmup_exp, self.args.large_lr_frac)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        images, labels = self.batch(step)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = torch.nn.functional.cross_entropy(self.train_forward(images).float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), labels.shape[0]
-
-    # ---------------------------------------------------------------------------------------------- evaluation -----
-
-    @torch.no_grad()
-    def _loss_and_error(self, images, labels):
-        """Mean cross-entropy and error rate over a whole image set, in eval-size chunks (one host sync at the end)."""
-        loss_sum = torch.zeros((), device=self.device)
-        errors = torch.zeros((), device=self.device, dtype=torch.long)
-        for start in range(0, images.shape[0], self.args.eval_batch_size):
-            chunk = images_to_float(images[start:start + self.args.eval_batch_size], self.args.channels_last)
-            target = labels[start:start + self.args.eval_batch_size]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(chunk).float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-            errors += (logits.argmax(dim=1) != target).sum()
-        return loss_sum.item() / images.shape[0], errors.item() / images.shape[0]
-
-    def evaluate(self):
-        """Train loss/error and feature sparsity of every block from ONE eval-mode pass over the fixed unaugmented
-        sparsity images (SPEC §1.1, E7), then test loss/error on the whole test set."""
-        self.model.eval()
-        with BlockActivations(self.model, self.blocks, self.args.sparsity_neurons, self.args.seed) as acts:
-            train_loss, train_error = self._loss_and_error(self.data.train_images[:self.n_sparsity],
-                                                           self.data.train_labels[:self.n_sparsity])
-        sparsity = acts.feature_sparsity(SPARSITY_TAU_DEEP)
-        test_loss, test_error = self._loss_and_error(self.data.test_images, self.data.test_labels)
-        self.model.train()
-        metrics = {"train_loss": train_loss, "train_error": train_error, "test_loss": test_loss,
-                   "test_error": test_error}
-        for name, (density, dedup) in sparsity.items():
-            metrics[f"density_{name}"], metrics[f"density_dedup_{name}"] = density, dedup
-        return metrics
-
-    # ---------------------------------------------------------------------------------------------- main loop ------
-
-    def _request_stop(self, signum, frame):
-        """First Ctrl-C (or SIGTERM, which job schedulers send before killing a job): finish the current step,
-        checkpoint, mark the log interrupted. A second one stops at once."""
-        if self.stop_requested:
-            raise KeyboardInterrupt
-        self.stop_requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to abort at once)", flush=True)
-
-    def run(self):
-        """Train to the end (or to --stop-at-epoch / Ctrl-C / SIGTERM / divergence); returns the final status."""
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default, except where the help text already explains it or there is none (None/False)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:  # not 0 == False
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`prog: error: argument --lr: ... (see --help)`, exit code 2) and a suggestion
+    for a mistyped flag (`--lr_init` -> "did you mean --lr?"). The stock parser prints the whole usage block first; a
+    researcher scanning a sweep's stderr wants one line that names the flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--lr` must never silently match `--lr-schedule`
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            message += self._suggestion(message.split(":", 1)[1].split())
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def _suggestion(self, unknown):
+        """'; did you mean --lr?' for the first unknown flag that is close to a known one ('' if none is)."""
+        known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        for word in unknown:
+            typed = word.split("=")[0].replace("_", "-")
+            if typed.startswith("-"):
+                close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
+
+
+def usage_error(flag, message):
+    """Stop with a one-line usage error naming `flag` and exit code 2 (for checks argparse cannot express).
+    Command-line layer only: library functions raise exceptions instead."""
+    prog = os.path.basename(sys.argv[0]) or "python"
+    sys.stderr.write(f"{prog}: error: argument {flag}: {message}\n")
+    raise SystemExit(2)
+
+
+def _number_type(cast, check, requirement):
+    """Build an argparse `type=` callable that casts, validates and explains the requirement when it fails."""
+
+    def parse(text):
         try:
-            with self.log:
-                status = self._loop()
-                self.log.finish(status)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return status
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
+        return value
 
-    def _loop(self):
-        args, start_step = self.args, self.step
-        stop_step = self.total_steps if args.stop_at_epoch is None else args.stop_at_epoch * self.steps_per_epoch
-        print(f"{self.log.data['run']} | {self.data.name}: {self.data.train_images.shape[0]} train / "
-              f"{self.data.test_images.shape[0]} test images | {self.log.data['env']['n_params']:,} parameters | "
-              f"{self.total_steps} iterations ({self.steps_per_epoch}/epoch) on {self.device}\nlog: {self.log_path}")
-        clock = self.clock = _RunClock(self.elapsed_before)
-        if not self.log.data["history"]:
-            self._evaluate_and_log()
-        projection_step = start_step + min(10, stop_step - start_step)  # early, once the first steps are timed
-        while self.step < stop_step:
-            loss, n_images = self.train_step(self.step)
-            self.window_loss += loss
-            self.window_steps += 1
-            self.step += 1
-            clock.add_images(n_images)
-            if self.step % _DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(self.window_loss).item():
-                return self._diverged(self.window_loss / self.window_steps)
-            if self.step == projection_step:
-                clock.project(self.step, stop_step, args.eval_every)
-            if self.step % args.eval_every == 0 or self.step == self.total_steps:
-                if not torch.isfinite(self.window_loss).item():
-                    return self._diverged(self.window_loss / self.window_steps)
-                train_loss = self._evaluate_and_log()
-                if not math.isfinite(train_loss):
-                    return self._diverged(train_loss)
-            if self.stop_requested:
-                self.save_checkpoint()
-                print(f"interrupted at iteration {self.step}; checkpoint saved, continue with --resume")
-                return "interrupted"
-        if self.step < self.total_steps:
-            self.save_checkpoint()
-            print(f"stopped at epoch {args.stop_at_epoch} as asked (--stop-at-epoch); continue with --resume")
-            return "interrupted"
-        return "completed"
-
-    def _evaluate_and_log(self):
-        """Evaluate, append a log record, checkpoint, print one progress line; returns the (eval-mode) train loss."""
-        clock = self.clock
-        clock.pause()
-        metrics = self.evaluate()
-        epoch = self.step / self.steps_per_epoch
-        lr = deep_step_size(epoch, self.args.epochs, self.args.lr, self.args.lr_schedule, self.args.warmup_exp,
-                            self.args.large_lr_frac)
-        if self.window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
-            metrics["train_loss_batches"] = self.window_loss.item() / self.window_steps
-        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
-        self.log.record(iter=self.step, epoch=epoch, lr=lr, **metrics, wall_time=clock.elapsed(),
-                        images_per_sec=clock.throughput())
-        if self.step > 0:
-            self.save_checkpoint()
-        clock.resume()
-        last_block = list(self.blocks)[-1]
-        print(f"iter {self.step:>6}/{self.total_steps} ep {epoch:6.2f} | lr {lr:.4g} | train loss "
-              f"{metrics['train_loss']:.4f} err {100 * metrics['train_error']:5.2f}% | test err "
-              f"{100 * metrics['test_error']:5.2f}% | {last_block} density {100 * metrics[f'density_{last_block}']:.1f}% "
-              f"dedup {100 * metrics[f'density_dedup_{last_block}']:.1f}% | {clock.throughput() or 0:.0f} img/s | "
-              f"{format_seconds(clock.elapsed())} elapsed{clock.eta(self.step, self.total_steps, self.args.eval_every)}",
-              flush=True)
-        return metrics["train_loss"]
-
-    def _diverged(self, loss):
-        """Record a NaN/inf loss as status `diverged` with a clear message (the paper's large steps can diverge)."""
-        loss = float(loss)
-        epoch = self.step / self.steps_per_epoch
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.log.record(iter=self.step, epoch=epoch, lr=lr, train_loss_batches=loss, train_loss=None)
-        print(f"DIVERGED at iteration {self.step} (epoch {epoch:.2f}): training loss is {loss}; the step size "
-              f"({lr:.4g} at that point) is too large for this setting. Log: {self.log_path}")
-        return "diverged"
+    parse.__name__ = requirement  # argparse shows this name in some messages
+    return parse
 
 
-class _RunClock:
-    """Wall-time bookkeeping of a run: training time and images (for throughput), evaluation time (for the ETA)."""
-
-    def __init__(self, elapsed_before=0.0):
-        """elapsed_before: wall time of the earlier parts of a resumed run (throughput counts this part only)."""
-        now = time.perf_counter()
-        self.start = now - elapsed_before
-        self.train_seconds, self.eval_seconds, self.images, self.evals = 0.0, 0.0, 0, 0
-        self.window_start, self.eval_start = now, None
-
-    def pause(self):
-        now = time.perf_counter()
-        self.train_seconds += now - self.window_start
-        self.eval_start = now
-
-    def resume(self):
-        now = time.perf_counter()
-        self.eval_seconds += now - self.eval_start
-        self.evals += 1
-        self.window_start, self.eval_start = now, None
-
-    def add_images(self, n_images):
-        self.images += n_images
-
-    def elapsed(self):
-        return time.perf_counter() - self.start
-
-    def throughput(self):
-        """Training images per second so far (evaluation time excluded, also while an evaluation is running), or None
-        before any training."""
-        running = time.perf_counter() - self.window_start if self.eval_start is None else 0.0
-        seconds = self.train_seconds + running
-        return self.images / seconds if self.images and seconds > 0 else None
-
-    def remaining_seconds(self, step, total_steps, eval_every, batch_images):
-        per_step = batch_images / self.throughput() if self.throughput() else 0.0
-        per_eval = self.eval_seconds / self.evals if self.evals else 0.0
-        remaining_evals = total_steps // eval_every - step // eval_every
-        return (total_steps - step) * per_step + remaining_evals * per_eval
-
-    def eta(self, step, total_steps, eval_every):
-        if step >= total_steps or not self.images:
-            return ""
-        batch_images = self.images / max(step, 1)
-        return f", ETA {format_seconds(self.remaining_seconds(step, total_steps, eval_every, batch_images))}"
-
-    def project(self, step, stop_step, eval_every):
-        batch_images = self.images / step
-        total = self.elapsed() + self.remaining_seconds(step, stop_step, eval_every, batch_images)
-        print(f"projected wall time for this run: {format_seconds(total)} "
-              f"({self.throughput():.0f} training images/s, evaluation every {eval_every} iterations)", flush=True)
+positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+nonnegative_float = _number_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+fraction = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_int = _number_type(int, lambda v: v > 0, "an integer >= 1")
+nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
 
 
-def run_deep_net(args, build_model, script, model_name, run_parts):
-    """Everything a deep-net script does after parsing its flags: data, model, training, log. Returns the status.
+def prepare_out_dir(path, flag="--out-dir"):
+    """Create the output folder at start-up and prove it is writable, so a long run never fails at its first save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        usage_error(flag, f"cannot write to {path!r} ({err.strerror or err}); pass a writable folder")
+    return path
 
-    build_model(num_classes) -> nn.Module with a SPARSITY_BLOCKS dict {log name: module path}.
-    run_parts: model-specific parts of the run's file name (e.g. {"width": 64} for the ResNet).
-    """
-    check_deep_net_args(args)
-    device = resolve_device(args.device)
-    precision = _configure_backend(args, device)
-    prepare_out_dir(args.out_dir)
-    seed_everything(args.seed)
-    data = load_image_dataset(args.dataset, args.data_dir, args.download, args.n_train, device)
-    model = apply_channels_last(args, build_model(data.num_classes).to(device), device)
-    schedule = {"constant": {}, "piecewise": {"warm": args.warmup_exp, "T": args.large_lr_frac}}[args.lr_schedule]
-    parts = {"lr": args.lr, args.lr_schedule: True, **schedule, "mom": args.momentum or None,
-             "wd": args.weight_decay or None, "aug": args.augment, "ep": args.epochs, "bs": args.batch_size,
-             "n": args.n_train, **run_parts}
-    run = DeepNetRun(args, model, data, script, f"{model_name}_{args.dataset}", model.SPARSITY_BLOCKS, parts,
-                     device, precision)
-    if args.resume and run.log.data["history"] and run.step >= run.total_steps:
-        print(f"this run is already complete: {run.log_path}")
-        run.log.finish("completed")
-        return "completed"
-    status = run.run()
-    if run.stop_requested:
-        raise SystemExit(128 + run.stop_requested)  # shell convention (130 for Ctrl-C), so a sweep loop stops too
-    return status
+
+def seed_everything(seed):
+    """Seed python, numpy's legacy global generator and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """Map `auto|cpu|cuda|mps` to a torch.device; `auto` prefers CUDA, then Apple MPS, then CPU."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but torch sees no CUDA device; use --device cpu or auto")
+    if name == "mps" and not mps:
+        raise ValueError("MPS was requested but is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _git_commit():
+    """The repository's commit hash, or None outside a git checkout (e.g. after copying a script elsewhere)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_info(device=None):
+    """Versions and hardware, stored in every log so that a number can be traced to where it was produced."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
 
 
 # ======================================================================================================================
-# Deep-net data (SPEC §5)
+# 5. Image data
 # ======================================================================================================================
 #
-# The deep-net scripts keep a whole data set as uint8 tensors on the training device (STYLE practice 5, as in
-# airbench): a batch is an index slice of a seeded permutation, augmentation is a few tensor ops on the whole batch,
-# and there is no DataLoader and no per-image Python code in the training loop. All randomness is a pure function of
-# (seed, epoch) or (seed, step), so a resumed run replays exactly the same batches without saving generator state.
+# The deep-net scripts keep a whole data set as uint8 tensors on the training device (as airbench does): a batch is
+# an index slice of a seeded permutation, augmentation is a few tensor ops on the whole batch, and there is no
+# DataLoader and no per-image Python code in the training loop. All randomness is a pure function of (seed, epoch)
+# or (seed, step), so a resumed run replays exactly the same batches without saving generator state.
 
 IMAGE_DATASETS = ("cifar10", "cifar100", "tinyimagenet", "synthetic")  # `choices=` for --dataset
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512  # size of the generated "synthetic" set (32×32, 10 classes)
 
-# Where each data set lives under --data-dir (the layouts of SPEC §5) and the official archive that --download
-# fetches. Only the downloaded archive's MD5 is checked: extracted files are read as they are, so re-encoded copies
-# with other checksums (e.g. ../shared/data) load too.
+# Where each data set lives under data_dir (the layouts torchvision downloads) and the official archive a download
+# fetches. Only a downloaded archive's MD5 is checked: extracted files are read as they are, so re-encoded copies
+# with other checksums load too.
 _IMAGE_SOURCES = {
     "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py", num_classes=10, label_key="labels",
                     train=[f"data_batch_{k}" for k in range(1, 6)], test=["test_batch"],
@@ -1226,15 +726,14 @@ _IMAGE_SOURCES = {
 _PERMUTATION_STREAM, _AUGMENT_STREAM, _SYNTHETIC_STREAM = 1, 2, 3
 _SYNTHETIC_SEED = 20230  # fixed: the synthetic set is the same whatever --seed a run uses
 
-_TINY_IMAGENET_CACHE = "decoded_uint8.pt"  # decoded pixels, written beside the JPEGs after the first read
-_DECODE_TASK = 256  # image files per thread-pool task
+
+class DownloadError(RuntimeError):
+    """Fetching a data set failed (no network, MD5 mismatch, full disk, ...): the environment, not the arguments."""
 
 
 class ImageDataset(typing.NamedTuple):
-    """A whole image-classification data set in memory, on one device.
-
-    Images are uint8 N×3×H×W (RGB, 0..255; convert batches with images_to_float), labels int64 in [0, num_classes).
-    """
+    """A whole image-classification data set in memory. Images are uint8 N×3×H×W (RGB, 0..255; convert batches with
+    images_to_float), labels int64 in [0, num_classes)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -1243,44 +742,36 @@ class ImageDataset(typing.NamedTuple):
     num_classes: int
     name: str
 
+    def to(self, device):
+        """The same data set with its four tensors on `device`."""
+        return self._replace(**{field: getattr(self, field).to(device) for field in self._fields[:4]})
 
-def load_image_dataset(name, data_dir, download=False, n_train=None, device="cpu"):
-    """Load an image data set (`name` in IMAGE_DATASETS) as an ImageDataset whose tensors live on `device`.
+
+def load_image_dataset(name, data_dir, download=False):
+    """Load an image data set (`name` in IMAGE_DATASETS) as an ImageDataset on the CPU.
 
     - cifar10 / cifar100: the python pickles in <data_dir>/cifar-10-batches-py/ or <data_dir>/cifar-100-python/.
     - tinyimagenet: <data_dir>/tiny-imagenet-200/ (200 classes in wnids.txt order, 64×64; test set = the 10 000 val
-      images). The JPEGs are decoded once and cached in tiny-imagenet-200/decoded_uint8.pt.
+      images; decoding the 110 000 JPEGs takes ~20-40 s on a laptop CPU).
     - synthetic: a generated set (no files; data_dir is ignored), see synthetic_image_dataset.
-    download=True fetches a missing data set from its official archive (MD5-checked) into data_dir. Missing data
-    stops with a one-line error naming --data-dir (exit 2); a failed download with a one-line error (exit 1).
-    n_train keeps the first n_train training images (None: all); too many stops with an error naming --n-train.
+    download=True fetches a missing data set from its official archive (MD5-checked) into data_dir.
+    Raises FileNotFoundError for missing data, ValueError for an unreadable file, DownloadError for a failed download.
     """
     if name == "synthetic":
-        data = synthetic_image_dataset()
-    elif name in _IMAGE_SOURCES:
-        folder = _locate_image_data(name, data_dir, download)
-        data = _read_tiny_imagenet(folder) if name == "tinyimagenet" else _read_cifar(name, folder)
-    else:
+        return synthetic_image_dataset()
+    if name not in _IMAGE_SOURCES:
         raise ValueError(f"unknown image data set {name!r}; expected one of {IMAGE_DATASETS}")
-    data = _keep_first_train(data, n_train)
-    tensors = {field: getattr(data, field).to(device) for field in ImageDataset._fields[:4]}
-    return data._replace(**tensors)
+    folder = _locate_image_data(name, data_dir, download)
+    return _read_tiny_imagenet(folder) if name == "tinyimagenet" else _read_cifar(name, folder)
 
 
-def _keep_first_train(data, n_train):
+def keep_first_train(data, n_train):
     """Keep the first n_train training images (a copy, so the rest can be freed); the test set is untouched."""
     available = len(data.train_labels)
-    if n_train is None or n_train == available:
-        return data
     if not 1 <= n_train <= available:
-        usage_error("--n-train", f"{n_train} training images requested but {data.name} has {available}")
+        raise ValueError(f"{n_train} training images requested but {data.name} has {available}")
     return data._replace(train_images=data.train_images[:n_train].clone(),
                          train_labels=data.train_labels[:n_train].clone())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Finding and downloading the files
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _image_data_present(source, folder):
@@ -1288,24 +779,23 @@ def _image_data_present(source, folder):
 
 
 def _locate_image_data(name, data_dir, download):
-    """The data set's folder under data_dir, downloading it first if asked; a one-line usage error if it is missing."""
+    """The data set's folder under data_dir, downloading it first if asked."""
     source = _IMAGE_SOURCES[name]
     folder = os.path.join(data_dir, source["folder"])
     if not _image_data_present(source, folder) and download:
         _download_image_data(source, data_dir)
-    if not _image_data_present(source, folder):
-        usage_error("--data-dir", f"{source['title']} not found: expected {source['expect']} in {folder}; pass "
-                                  f"--download to fetch it (about {source['size']}), or --data-dir pointing at a "
-                                  f"folder that holds {source['folder']}/")
-    return folder
+    if _image_data_present(source, folder):
+        return folder
+    if _image_data_present(source, data_dir):  # the user pointed INTO the data set's folder
+        raise FileNotFoundError(f"{data_dir} is the {source['folder']}/ folder itself; point the data directory at "
+                                f"its parent, {os.path.dirname(os.path.abspath(data_dir))}")
+    raise FileNotFoundError(f"{source['title']} not found: expected {source['expect']} in {folder}; download it "
+                            f"(--download, about {source['size']}) or point the data directory at the folder that "
+                            f"holds {source['folder']}/")
 
 
 def _download_image_data(source, data_dir):
-    """Fetch and extract the official archive into data_dir (torchvision checks its MD5 before extracting).
-
-    Any failure (no network, MD5 mismatch, full disk, missing torchvision) ends the run with one line and exit
-    code 1: it is the environment that failed, not the command line (which gets exit code 2).
-    """
+    """Fetch and extract the official archive into data_dir (torchvision checks its MD5 before extracting)."""
     print(f"downloading {source['title']} (about {source['size']}) from {source['url']} into {data_dir}", flush=True)
     try:
         from torchvision.datasets.utils import download_and_extract_archive
@@ -1314,16 +804,8 @@ def _download_image_data(source, data_dir):
         download_and_extract_archive(source["url"], download_root=data_dir, md5=source["md5"], remove_finished=True)
     except Exception as err:  # every cause gets the same one-line advice instead of a traceback
         reason = " ".join(str(err).split()) or type(err).__name__
-        prog = os.path.basename(sys.argv[0]) or "python"
-        sys.stderr.write(f"{prog}: error: downloading {source['title']} from {source['url']} failed ({reason}); "
-                         f"fetch and extract it by hand so that {os.path.join(data_dir, source['folder'])}/ exists, "
-                         f"or pass --data-dir pointing at a folder that holds {source['folder']}/\n")
-        raise SystemExit(1) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100 (python pickles)
-# ----------------------------------------------------------------------------------------------------------------------
+        raise DownloadError(f"downloading {source['title']} from {source['url']} failed ({reason}); fetch and extract "
+                            f"it by hand so that {os.path.join(data_dir, source['folder'])}/ exists") from None
 
 
 def _read_cifar(name, folder):
@@ -1347,59 +829,31 @@ def _read_cifar_file(path, source):
         data = np.ascontiguousarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry[source["label_key"]], dtype=np.int64)
     except Exception as err:  # a damaged or foreign file: one line naming it, not a traceback
-        usage_error("--data-dir", f"{path} is not a readable {source['title']} file ({type(err).__name__}: {err})")
+        raise ValueError(f"{path} is not a readable {source['title']} file ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        usage_error("--data-dir", f"{path}: expected `data` of shape N×3072 and N labels, got {data.shape} and "
-                                  f"{labels.shape}")
+        raise ValueError(f"{path}: expected `data` of shape N×3072 and N labels, got {data.shape} and {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= source["num_classes"]):
-        usage_error("--data-dir", f"{path}: labels outside 0..{source['num_classes'] - 1}")
+        raise ValueError(f"{path}: labels outside 0..{source['num_classes'] - 1}")
     return data.reshape(-1, 3, 32, 32), labels
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Tiny ImageNet (JPEG tree, decoded once into a cache)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _read_tiny_imagenet(folder):
-    """Tiny ImageNet as an ImageDataset; pixels from the decode cache when it matches the file listing."""
-    wnids, train_files, train_labels, test_files, test_labels = _tiny_imagenet_listing(folder)
-    # The cache is valid for exactly this list of files, labels and order (any file added, removed or relabelled
-    # changes the signature and triggers a fresh decode).
-    signature = hashlib.sha256("\n".join(["v1", *wnids, *train_files, *test_files, str(train_labels.tolist()),
-                                          str(test_labels.tolist())]).encode()).hexdigest()
-    cache = os.path.join(folder, _TINY_IMAGENET_CACHE)
-    images = _read_decode_cache(cache, signature)
-    if images is None:
-        print(f"decoding {len(train_files) + len(test_files)} Tiny ImageNet JPEGs once; cached in {cache}", flush=True)
-        images = {"train": _decode_jpegs(folder, train_files), "test": _decode_jpegs(folder, test_files)}
-        _write_decode_cache(cache, signature, images)
-    return ImageDataset(train_images=images["train"], train_labels=torch.from_numpy(train_labels),
-                        test_images=images["test"], test_labels=torch.from_numpy(test_labels),
-                        num_classes=len(wnids), name="tinyimagenet")
-
-
-def _tiny_imagenet_listing(folder):
-    """(wnids, train files, train labels, val files, val labels), file paths relative to `folder`.
-
-    Classes are numbered in wnids.txt order (200 in the real set). The training images are stored class-interleaved
-    (the k-th image of every class, then the (k+1)-th, ...), so that any prefix (--n-train, or a fixed subset for
-    measuring feature sparsity) is class-balanced, as CIFAR's is; every epoch is shuffled anyway.
-    """
+    """Tiny ImageNet as an ImageDataset: classes in wnids.txt order; the training images class-interleaved (the k-th
+    image of every class, then the (k+1)-th, ...), so that any prefix (--n-train, or the fixed images that measure
+    feature sparsity) is class-balanced, as CIFAR's is; every epoch is shuffled anyway."""
     with open(os.path.join(folder, "wnids.txt")) as f:
         wnids = [line.strip() for line in f if line.strip()]
     index = {wnid: k for k, wnid in enumerate(wnids)}
     files, labels, ranks = [], [], []
     for k, wnid in enumerate(wnids):
-        image_dir = os.path.join("train", wnid, "images")
-        if not os.path.isdir(os.path.join(folder, image_dir)):
-            usage_error("--data-dir", f"{os.path.join(folder, image_dir)} is missing (class {wnid} of wnids.txt)")
-        names = sorted(n for n in os.listdir(os.path.join(folder, image_dir)) if n.lower().endswith((".jpeg", ".jpg")))
+        image_dir = os.path.join(folder, "train", wnid, "images")
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"{image_dir} is missing (class {wnid} of wnids.txt)")
+        names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith((".jpeg", ".jpg")))
         files += [os.path.join(image_dir, n) for n in names]
         labels += [k] * len(names)
         ranks += range(len(names))
     order = np.lexsort((labels, ranks))  # primary key: rank within the class; ties broken by class
-    train_files, train_labels = [files[i] for i in order], np.asarray(labels, dtype=np.int64)[order]
     val_files, val_labels = [], []
     with open(os.path.join(folder, "val", "val_annotations.txt")) as f:
         for line in f:
@@ -1407,73 +861,30 @@ def _tiny_imagenet_listing(folder):
             if len(fields) < 2:
                 continue
             if fields[1] not in index:
-                usage_error("--data-dir", f"val_annotations.txt labels {fields[0]} with {fields[1]}, not in wnids.txt")
-            val_files.append(os.path.join("val", "images", fields[0]))
+                raise ValueError(f"val_annotations.txt labels {fields[0]} with {fields[1]}, which is not in wnids.txt")
+            val_files.append(os.path.join(folder, "val", "images", fields[0]))
             val_labels.append(index[fields[1]])
-    return wnids, train_files, train_labels, val_files, np.asarray(val_labels, dtype=np.int64)
+    return ImageDataset(train_images=_decode_jpegs([files[i] for i in order]),
+                        train_labels=torch.tensor(labels)[order], test_images=_decode_jpegs(val_files),
+                        test_labels=torch.tensor(val_labels, dtype=torch.int64), num_classes=len(wnids),
+                        name="tinyimagenet")
 
 
-def _decode_jpegs(folder, files, size=64):
-    """Decode image files (paths relative to `folder`) into one uint8 N×3×size×size tensor, in a thread pool.
-
-    PIL's convert("RGB") turns greyscale JPEGs (the real set has some) into 3 equal channels. Speed: ~190 µs per
-    64×64 JPEG on one core of the 2-core development CPU (~20 s for Tiny ImageNet's 110 000 files, once: later reads
-    use the cache); PIL releases the GIL while decoding, so threads scale on bigger machines. (torchvision.io's
-    decode_jpeg measured ~3× faster, with identical pixels, but is deprecated since torchvision 0.29.)
-    """
+def _decode_jpegs(paths, size=64):
+    """Decode image files into one uint8 N×3×size×size tensor. PIL's convert("RGB") turns greyscale JPEGs (the real
+    set has some) into 3 equal channels."""
     from PIL import Image
 
-    pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)
-
-    def decode(start):  # one task = a run of files; returns the first problem as a message, or None
-        for i in range(start, min(start + _DECODE_TASK, len(files))):
-            path = os.path.join(folder, files[i])
-            try:
-                with Image.open(path) as image:
-                    decoded = np.asarray(image.convert("RGB"))
-            except (OSError, ValueError) as err:  # includes PIL.UnidentifiedImageError
-                return f"cannot decode {path} ({err})"
-            if decoded.shape != (size, size, 3):
-                return f"{path} is {decoded.shape[1]}×{decoded.shape[0]} pixels, expected {size}×{size}"
-            pixels[i] = decoded
-        return None
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        problems = [p for p in pool.map(decode, range(0, len(files), _DECODE_TASK)) if p]
-    if problems:
-        usage_error("--data-dir", problems[0])
+    pixels = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                pixels[i] = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as err:  # includes PIL.UnidentifiedImageError and a wrong image size
+            raise ValueError(f"cannot decode {path} as a {size}×{size} image ({err})") from None
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # H×W×3 -> 3×H×W
 
 
-def _read_decode_cache(path, signature):
-    """{"train": uint8 tensor, "test": uint8 tensor} from the cache, or None if it is absent, stale or unreadable.
-
-    A torch file (weights_only: tensors and strings, no code): the full 1.35 GB Tiny ImageNet cache reads in ~1 s,
-    against ~6 s for the same arrays in an .npz (whose zip reader checks CRCs in Python-sized chunks).
-    """
-    try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-        if cache["signature"] != signature:
-            return None
-        return {"train": cache["train"], "test": cache["test"]}
-    except Exception:  # missing or damaged cache: decode again and rewrite it
-        return None
-
-
-def _write_decode_cache(path, signature, images):
-    """Write the cache atomically (temp file + rename); a read-only data folder only costs a re-decode next time."""
-    folder = os.path.dirname(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"signature": signature, **images}, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; others sharing the data folder may read the cache too
-        os.replace(tmp, path)
-    except OSError as err:
-        print(f"note: could not write the decode cache {path} ({err.strerror or err}); decoding again next time")
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1569,7 +980,7 @@ def _crop_windows(padded, top, left, flip, height, width):
 
 
 def images_to_float(images, channels_last=False):
-    """uint8 images -> float32 in [0, 1] (x / 255; no per-channel normalisation, SPEC §4), optionally channels_last.
+    """uint8 images -> float32 in [0, 1] (x / 255; no per-channel normalisation, as in the authors' code), optionally channels_last.
 
     One kernel: the division writes straight into an output of the wanted memory format (reordering the uint8
     batch first, then dividing, measured ~1.5× slower on CPU).
@@ -1577,3 +988,303 @@ def images_to_float(images, channels_last=False):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
     return torch.div(images, 255, out=out)
+
+
+# ======================================================================================================================
+# 6. Deep-net building blocks (train_resnet.py, train_densenet.py)
+# ======================================================================================================================
+
+DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks: one host sync each, never one per step
+# flags that may differ between the parts of a resumed run: evaluation never changes the training trajectory, and the
+# memory format only its rounding (apply_channels_last may also switch channels_last off on one device, not another)
+RESUME_MAY_CHANGE = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last"}
+
+
+def add_deep_net_arguments(parser, script, lr, warmup_exp):
+    """The command-line flags both deep-net scripts share (same name, same meaning); defaults = the paper's setting."""
+    """The command-line flags both deep-net scripts share (same name, same meaning); defaults = the paper's E7."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=IMAGE_DATASETS,
+                      help="image classification data set; 'synthetic' is a small generated set for offline tests")
+    data.add_argument("--data-dir", default="./data",
+                      help="folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/")
+    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                      help="download the data set into --data-dir if it is missing")
+    data.add_argument("--n-train", type=positive_int, default=None,
+                      help="use only the first N training images (default: all)")
+    optim = parser.add_argument_group("optimisation (step-size schedule: see utils.deep_step_size)")
+    optim.add_argument("--epochs", type=positive_int, default=100, help="training epochs E")
+    optim.add_argument("--batch-size", type=positive_int, default=256, help="SGD mini-batch size")
+    optim.add_argument("--lr", type=positive_float, default=lr,
+                       help="η0: the initial step size, BEFORE warmup (the peak is η0·w^(100T) for w > 1)")
+    optim.add_argument("--lr-schedule", default="piecewise", choices=["constant", "piecewise"],
+                       help="constant η0, or a large-step phase for T·E epochs then ÷10, and ÷100 from 0.9·E")
+    optim.add_argument("--warmup-exp", type=positive_float, default=warmup_exp,
+                       help="w: exponential warmup η0·w^u if w > 1 (u = %% of training done), power warmup "
+                            "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
+    optim.add_argument("--large-lr-frac", type=positive_float, default=0.5,
+                       help="T: fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
+    optim.add_argument("--momentum", type=nonnegative_float, default=0.0, help="SGD (heavy-ball) momentum, in [0, 1)")
+    optim.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
+                       help="L2 penalty coefficient on all parameters")
+    optim.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="random crop (4-pixel zero padding) and horizontal flip, done per batch on the device")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-every", type=positive_int, default=200,
+                            help="iterations between evaluations (and checkpoints)")
+    evaluation.add_argument("--sparsity-examples", type=positive_int, default=10752,
+                            help="fixed unaugmented training images used for the feature sparsity and the train "
+                                 "loss/error (capped at the training-set size)")
+    evaluation.add_argument("--sparsity-neurons", type=positive_int, default=1000,
+                            help="neurons sampled per block for the density and the de-duplicated density")
+    evaluation.add_argument("--tau", type=fraction, default=0.95,
+                            help="τ: two neurons whose activations correlate above τ (in absolute value) are "
+                                 "duplicates (the paper: 0.95 for deep nets)")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=None,
+                            help="images per forward pass during evaluation (default: 128 on CPU, where small "
+                                 "batches stay in cache and run ~2× faster than 512; 512 on GPU); lower it if "
+                                 "memory is short")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the initialisation, batches and augmentation")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="auto = CUDA if available, else MPS, else CPU")
+    run.add_argument("--out-dir", default=os.path.join("runs", script),
+                     help="folder for the JSON log and the checkpoint of this run")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this run (same flags) from its last checkpoint in --out-dir")
+    run.add_argument("--stop-at-epoch", type=positive_int, default=None,
+                     help="checkpoint and stop after this many epochs (e.g. to fit a job time limit); "
+                          "continue later with --resume")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                     help="CUDA matmul/conv precision: exact fp32, TF32 tensor cores, or bf16 autocast "
+                          "(CPU always runs fp32)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="NHWC memory format for images and conv weights (faster convolutions on CPU and GPU)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic CUDA kernels (cuDNN benchmark off); slower, bit-reproducible on one GPU")
+
+
+def check_deep_net_args(args):
+    """Cross-flag checks argparse cannot express, as one-line usage errors."""
+    if args.lr_schedule == "piecewise" and not args.large_lr_frac < 0.9:
+        usage_error("--large-lr-frac", f"must be below 0.9 (the ÷100 phase starts at 0.9·E), got {args.large_lr_frac}")
+    if args.momentum >= 1:
+        usage_error("--momentum", f"must be in [0, 1), got {args.momentum}")
+    if args.stop_at_epoch is not None and args.stop_at_epoch >= args.epochs:
+        usage_error("--stop-at-epoch", f"must be below --epochs ({args.epochs}), got {args.stop_at_epoch}")
+
+
+def default_eval_batch_size(device):
+    """Images per evaluation forward pass: 128 on CPU, where small batches stay in cache (measured 2× faster than 512
+    on a 2-core CPU), 512 on accelerators."""
+    return 128 if device.type == "cpu" else 512
+
+
+def configure_backend(args, device):
+    """Apply --precision / --deterministic to torch's global settings (call it from main(), never at import) and
+    resolve the device-dependent default of --eval-batch-size; returns the precision actually used."""
+    if args.eval_batch_size is None:
+        args.eval_batch_size = default_eval_batch_size(device)
+    precision = args.precision if device.type == "cuda" else "fp32"
+    if precision != args.precision:
+        print(f"note: --precision {args.precision} applies to CUDA only; running fp32 on {device.type}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"  # PyTorch enables TF32 convs by default
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return precision
+
+
+def apply_channels_last(args, model, device):
+    """Move the model to channels_last if --channels-last (faster convolutions on CPU and GPU). Exception: torch
+    2.14's oneDNN CPU backward of a channels_last 1×1 strided conv with 2-7 input channels crashes, hangs or returns
+    wrong weight gradients with its AVX2 kernels (reproduced with ONEDNN_MAX_CPU_ISA=AVX2). Such models (ResNet-18 at
+    --width 2-7) run NCHW on every CPU, since oneDNN picks its kernels at run time; args.channels_last is set to
+    False, so that the logged config and the input batches follow."""
+    broken = any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+                 and 2 <= m.in_channels <= 7 for m in model.modules())
+    if args.channels_last and device.type == "cpu" and broken:
+        print("note: running without channels_last: torch's CPU backward of a channels_last 1×1 strided conv with "
+              "2-7 input channels is broken (crashes or wrong gradients); use --width 8 or more for channels_last")
+        args.channels_last = False
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def load_data(args, device):
+    """The run's data set (--dataset, --data-dir, --download, --n-train) on `device`. Command-line layer: missing or
+    unreadable data and a too large --n-train are one-line usage errors (exit 2), a failed download exits with 1."""
+    try:
+        data = load_image_dataset(args.dataset, args.data_dir, args.download)
+    except DownloadError as err:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {err}\n")
+        raise SystemExit(1) from None
+    except (OSError, ValueError) as err:
+        usage_error("--data-dir", str(err))
+    if args.n_train is not None and args.n_train != len(data.train_labels):
+        try:
+            data = keep_first_train(data, args.n_train)
+        except ValueError as err:
+            usage_error("--n-train", str(err))
+    return data.to(device)
+
+
+def run_name(args, experiment, **model_parts):
+    """File-name stem of a deep-net run: experiment, schedule, optimiser and size flags, model parts, seed."""
+    schedule = {"constant": {}, "piecewise": {"warm": args.warmup_exp, "T": args.large_lr_frac}}[args.lr_schedule]
+    parts = {"lr": args.lr, args.lr_schedule: True, **schedule, "mom": args.momentum or None,
+             "wd": args.weight_decay or None, "aug": args.augment, "ep": args.epochs, "bs": args.batch_size,
+             "n": args.n_train, **model_parts}
+    return f"{experiment}_{run_slug(**parts)}_seed{args.seed}"
+
+
+def schedule_label(args):
+    """Human label of a run's step-size schedule: the `run` key of its log and its plot legend."""
+    if args.lr_schedule == "constant":
+        label = f"η = {args.lr:g} constant"
+    elif args.warmup_exp == 1:
+        label = f"η0 = {args.lr:g}, decay at {100 * args.large_lr_frac:g} %"
+    else:
+        kind = "exp." if args.warmup_exp > 1 else "power"
+        label = f"η0 = {args.lr:g}, {kind} warmup w = {args.warmup_exp:g}, decay at {100 * args.large_lr_frac:g} %"
+    if args.momentum or args.weight_decay or args.augment:
+        label += f" (mom {args.momentum:g}, wd {args.weight_decay:g}{', aug' if args.augment else ''})"
+    return label
+
+
+@torch.no_grad()
+def evaluate_classifier(model, data, blocks, args, autocast=False):
+    """The metrics of one evaluation, in eval mode: train loss/error and the feature sparsity of every block from ONE
+    pass over the first --sparsity-examples (fixed, unaugmented) training images, then test loss/error on the whole
+    test set. Keys: train_loss, train_error, test_loss, test_error, and density_all_<block>, density_<block>,
+    density_dedup_<block> (see BlockActivations.feature_sparsity)."""
+    model.eval()
+    n = min(args.sparsity_examples, len(data.train_labels))
+    with BlockActivations(model, blocks, args.sparsity_neurons, args.seed) as acts:
+        train_loss, train_error = _loss_and_error(model, data.train_images[:n], data.train_labels[:n], args, autocast)
+    test_loss, test_error = _loss_and_error(model, data.test_images, data.test_labels, args, autocast)
+    model.train()
+    metrics = {"train_loss": train_loss, "train_error": train_error, "test_loss": test_loss, "test_error": test_error}
+    for block, densities in acts.feature_sparsity(args.tau).items():
+        metrics.update({f"{kind}_{block}": value for kind, value in densities.items()})
+    return metrics
+
+
+def _loss_and_error(model, images, labels, args, autocast):
+    """Mean cross-entropy and error rate over an image set, in --eval-batch-size chunks (one host sync at the end)."""
+    loss_sum = torch.zeros((), device=images.device)
+    errors = torch.zeros((), device=images.device, dtype=torch.long)
+    for chunk, target in zip(images.split(args.eval_batch_size), labels.split(args.eval_batch_size)):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(images_to_float(chunk, args.channels_last)).float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        errors += (logits.argmax(dim=1) != target).sum()
+    return loss_sum.item() / len(labels), errors.item() / len(labels)
+
+
+def save_checkpoint(path, **state):
+    """torch.save to a temp file, then rename it over `path`: a crash or Ctrl-C never leaves a broken checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, args, device):
+    """The checkpoint of this exact run, for --resume, with torch's RNG state restored. Command-line layer: a missing
+    checkpoint, or one made with other flags (except RESUME_MAY_CHANGE), is a one-line usage error."""
+    if not os.path.exists(path):
+        usage_error("--resume", f"no checkpoint at {path}; start the run without --resume (resume needs the same flags "
+                                "and --out-dir as the original run)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    changed = [key for key, value in state["args"].items()
+               if key not in RESUME_MAY_CHANGE and vars(args).get(key) != value]
+    if changed:
+        usage_error("--resume", f"the checkpoint was made with different {', '.join(map(flag_name, changed))}; use "
+                                "the original flags")
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def logged_history(path, last_iter):
+    """The records of the log at `path` up to iteration last_iter: a resumed run continues its log from there."""
+    with open(path) as f:
+        return [record for record in json.load(f)["history"] if record["iter"] <= last_iter]
+
+
+class StopOnSignal:
+    """While open, the first Ctrl-C or SIGTERM (which job schedulers send before killing a job) only sets `requested`
+    to the signal's number, so that the training loop can finish its step, checkpoint and mark the log; a second
+    one raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested, self.previous = 0, {}
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to abort at once)", flush=True)
+
+
+class RunClock:
+    """Wall time of a run: training images and seconds (for images/s, evaluation excluded) and evaluation seconds
+    (for the ETA). elapsed_before: wall time of the earlier parts of a resumed run."""
+
+    def __init__(self, elapsed_before=0.0):
+        now = time.perf_counter()
+        self.start, self.window_start, self.in_evaluation = now - elapsed_before, now, False
+        self.train_seconds = self.eval_seconds = 0.0
+        self.steps = self.images = self.evals = 0
+
+    def add_step(self, n_images):
+        self.steps += 1
+        self.images += n_images
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Time the body as evaluation, not training."""
+        start = time.perf_counter()
+        self.train_seconds += start - self.window_start
+        self.in_evaluation = True
+        try:
+            yield
+        finally:
+            self.window_start = time.perf_counter()
+            self.eval_seconds += self.window_start - start
+            self.evals += 1
+            self.in_evaluation = False
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def images_per_sec(self):
+        """Training images per second so far (evaluation time excluded, also during one), None before any step."""
+        seconds = self.train_seconds + (0.0 if self.in_evaluation else time.perf_counter() - self.window_start)
+        return self.images / seconds if self.images and seconds > 0 else None
+
+    def remaining_seconds(self, steps_left, evals_left):
+        per_step = self.images / self.steps / self.images_per_sec() if self.steps else 0.0
+        per_eval = self.eval_seconds / self.evals if self.evals else 0.0
+        return steps_left * per_step + evals_left * per_eval
+
+
+def progress_line(record, total_steps, block, clock, eta_seconds):
+    """One line per evaluation: iteration, epoch, step size, losses and errors, the last block's densities, speed."""
+    eta = f", ETA {format_seconds(eta_seconds)}" if record["iter"] < total_steps else ""
+    return (f"iter {record['iter']:>6}/{total_steps} ep {record['epoch']:6.2f} | lr {record['lr']:.4g} | train loss "
+            f"{record['train_loss']:.4f} err {100 * record['train_error']:5.2f}% | test err "
+            f"{100 * record['test_error']:5.2f}% | {block} density {100 * record[f'density_{block}']:.1f}% dedup "
+            f"{100 * record[f'density_dedup_{block}']:.1f}% | {clock.images_per_sec() or 0:.0f} img/s | "
+            f"{format_seconds(clock.elapsed())} elapsed{eta}")
