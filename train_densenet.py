@@ -1,40 +1,34 @@
-"""DenseNet-BC-100-12 on CIFAR-10/100 and Tiny ImageNet with large-step SGD: experiment E10 of SPEC.md.
+"""DenseNet-BC-100-12 on CIFAR-10/100 and Tiny ImageNet with large-step SGD (the paper's DenseNet table; E10).
 
 The paper's table checks that the effect seen with ResNet-18 (a longer large-step phase gives sparser features and a
 lower test error) holds for another architecture: DenseNet-BC, depth 100, growth rate 12, compression 0.5, trained with
-SGD, batch 256, and the same family of step-size schedules as E7 (SPEC §2). The paper's values are not available to us
-(SPEC E10): the deliverable is the capability and our own measured table.
-
-Commands (from the repository root; each run writes one JSON log and a checkpoint into --out-dir, default
-runs/train_densenet/; add --download the first time):
+SGD, batch 256, and the same family of step-size schedules as train_resnet.py.
 
     python train_densenet.py --dataset cifar10 --lr 0.75 --warmup-exp 1.05 --large-lr-frac 0.5   # also 0.1, 0.3
     python train_densenet.py --dataset cifar10 --lr 0.01 --lr-schedule constant                  # small steps
-    python train_densenet.py --dataset cifar100 ...   /   --dataset tinyimagenet ...             # 64×64, 200 classes
-    python plots.py --logs runs/train_densenet --out figures    # figures/densenet100-12_<dataset>.png
+    python train_densenet.py --dataset tinyimagenet ...                                          # 64×64, 200 classes
+    python plots.py --logs runs/train_densenet --out-dir figures    # figures/densenet100-12_<dataset>.png
 
-Expected results. Full size: a GPU job, not run by us yet (no GPU on the development machine). CPU-sized variant
-(measured; log in results/deep/): `--data-dir ../shared/data --depth 40 --n-train 5000 --epochs 10
---sparsity-examples 1024 --eval-every 20` (DenseNet-BC-40-12, 176 122 parameters), seed 0: test error 52.7 %,
-de-duplicated density of blocks 1 / 2 / 3 / 4 = 48.0 / 46.2 / 23.2 / 86.6 %, 6.5 min on a 2-core x86-64 CPU (185
-training images/s; its 11 evaluations of the 10 000 test images took 29 % of the wall time). DenseNet-BC-100 trains at
-~20 images/s (batch 256) on that CPU: a GPU job.
+Each run writes one JSON log and one checkpoint into --out-dir (add --download the first time). Measured results and
+run times are in the README, next to the commands and logs they come from.
 
-Design notes:
-  * The training loop, data, schedule, logs and checkpoints are utils.run_deep_net, shared with train_resnet.py; this
-    file holds the model, its defaults and its flags.
-  * Sparsity blocks: see DenseNetBC.SPARSITY_BLOCKS (the three dense stages after their BN-ReLU, and the pooled
-    features).
-  * The iteration-0 evaluation runs in eval mode with BatchNorm's initial running statistics (mean 0, variance 1),
-    through which the untrained network's activations grow with depth: its train loss reads ~22 at depth 40 and ~4e4
-    at depth 100. From the first periodic evaluation on, the running statistics are the trained ones.
+Reading order: flags, then main(): device and data, model and optimizer, log (or resume), then the training loop —
+the same loop as train_resnet.py, repeated on purpose so that each script is a complete experiment to read and copy.
+The iteration-0 evaluation runs in eval mode with BatchNorm's initial running statistics (mean 0, variance 1),
+through which the untrained network's activations grow with depth: its train loss reads ~22 at depth 40 and ~4e4 at
+depth 100. From the first periodic evaluation on, the running statistics are the trained ones.
 """
 from collections import OrderedDict
+import math
+import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import utils
+
+SCRIPT = "train_densenet"
 
 # ======================================================================================================================
 # Model
@@ -73,17 +67,17 @@ def _transition(in_channels, out_channels):
 
 
 class DenseNetBC(nn.Module):
-    """DenseNet-BC (Huang et al. 2017) for 32×32 inputs, as used in SPEC E10: 3×3 stem conv to 2k channels, three
+    """DenseNet-BC (Huang et al. 2017) for 32×32 inputs, as in the paper's DenseNet table: 3×3 stem conv to 2k channels, three
     dense stages of (depth − 4) / 6 bottleneck layers with growth rate k, compressing transitions between them, final
     BN-ReLU, global average pool (adaptive, so 64×64 Tiny ImageNet inputs work too), linear head.
 
     depth 100, k = 12, compression 0.5 (the paper's DenseNet-100-12) has 769 162 parameters for 10 classes (the
-    DenseNet paper reports 0.8 M). Inputs in [0, 1], no normalisation layer, as for the ResNet (SPEC §4).
+    DenseNet paper reports 0.8 M). Inputs in [0, 1], no normalisation layer, as for the ResNet.
     Works with channels_last tensors: torch.cat keeps the memory format of its channels_last inputs.
     """
 
-    # Feature-sparsity blocks (SPEC §1.1: "the outputs of the three dense stages (after their BN-ReLU) and the pooled
-    # penultimate features"). A pre-activation dense stage ends with a concatenation, not a ReLU, so the post-ReLU view
+    # The blocks whose feature sparsity is measured: the outputs of the three dense stages (after their BN-ReLU) and
+    # the pooled penultimate features. A pre-activation dense stage ends with a concatenation, not a ReLU, so the post-ReLU view
     # of stage s is the BN-ReLU that the next module applies to it: the transition's BN-ReLU for stages 1-2, the final
     # BN-ReLU for stage 3. Block 4 = global-average-pooled features. Log name -> submodule whose OUTPUT is hooked.
     SPARSITY_BLOCKS = {"block1": "transition1.norm_act", "block2": "transition2.norm_act", "block3": "final_norm_act",
@@ -145,7 +139,7 @@ class DenseNetBC(nn.Module):
 
 def build_parser():
     parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
-    utils.add_deep_net_arguments(parser, script="train_densenet", lr=0.75, warmup_exp=1.05)
+    utils.add_deep_net_arguments(parser, script=SCRIPT, lr=0.75, warmup_exp=1.05)
     parser.add_argument("--depth", type=utils.positive_int, default=100,
                         help="DenseNet-BC depth, 6n + 4 (n bottleneck layers per dense stage); 100 = the paper's")
     parser.add_argument("--growth-rate", type=utils.positive_int, default=12,
@@ -153,13 +147,148 @@ def build_parser():
     return parser
 
 
+# ======================================================================================================================
+# Training
+# ======================================================================================================================
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    utils.check_deep_net_args(args)
     if args.depth < 10 or (args.depth - 4) % 6:
         utils.usage_error("--depth", f"must be 6n + 4 with n >= 1 (10, 16, 22, ..., 100), got {args.depth}")
-    return utils.run_deep_net(args, lambda num_classes: DenseNetBC(num_classes, args.depth, args.growth_rate),
-                              script="train_densenet", model_name=f"densenet{args.depth}-{args.growth_rate}",
-                              run_parts={"depth": args.depth, "k": args.growth_rate})
+    try:
+        device = utils.resolve_device(args.device)
+    except ValueError as err:
+        utils.usage_error("--device", str(err))
+    precision = utils.configure_backend(args, device)
+    utils.prepare_out_dir(args.out_dir)
+    utils.seed_everything(args.seed)
+
+    # ---- data, model, optimizer ----
+    data = utils.load_data(args, device)
+    model = DenseNetBC(data.num_classes, args.depth, args.growth_rate).to(device)
+    model = utils.apply_channels_last(args, model, device)
+    blocks = model.SPARSITY_BLOCKS
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    train_forward = torch.compile(model) if args.compile else model  # evaluation runs eager (it needs its hooks)
+    autocast = precision == "bf16"
+    n_train = len(data.train_labels)
+    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch of an epoch may be smaller
+    total_steps = args.epochs * steps_per_epoch
+    stop_step = total_steps if args.stop_at_epoch is None else args.stop_at_epoch * steps_per_epoch
+
+    # ---- log, checkpoint, resume ----
+    experiment = f"densenet{args.depth}-{args.growth_rate}_{args.dataset}"
+    path = os.path.join(args.out_dir, utils.run_name(args, experiment, depth=args.depth, k=args.growth_rate))
+    log_path, checkpoint_path = path + ".json", path + ".pt"
+    step, window_loss, window_steps, elapsed_before, history = 0, 0.0, 0, 0.0, []
+    if args.resume:
+        state = utils.load_checkpoint(checkpoint_path, args, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, window_loss, window_steps = state["step"], state["window_loss"], state["window_steps"]
+        elapsed_before, history = state["elapsed"], utils.logged_history(log_path, state["step"])
+        print(f"resuming {log_path} at iteration {step} (epoch {step / steps_per_epoch:.2f})")
+    config = {key: value for key, value in vars(args).items() if key != "resume"}
+    config.update(n_train=n_train, n_test=len(data.test_labels), num_classes=data.num_classes,
+                  steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision_used=precision,
+                  sparsity_examples_used=min(args.sparsity_examples, n_train), blocks=list(blocks))
+    env = dict(utils.environment_info(device), n_params=sum(p.numel() for p in model.parameters()),
+               deterministic=args.deterministic, compile=args.compile, channels_last=args.channels_last,
+               precision=precision)
+    log = utils.RunLog(log_path, SCRIPT, config, env, history=history, experiment=experiment,
+                       run=utils.schedule_label(args), seed=args.seed)
+    if step >= total_steps:
+        print(f"this run is already complete: {log_path}")
+        log.finish("completed")
+        return "completed"
+    print(f"{log.data['run']} | {data.name}: {n_train} train / {len(data.test_labels)} test images | "
+          f"{env['n_params']:,} parameters | {total_steps} iterations ({steps_per_epoch}/epoch) on {device}\n"
+          f"log: {log_path}")
+
+    # ---- the training loop ----
+    window_loss = torch.tensor(window_loss, device=device)  # summed mini-batch losses since the last evaluation,
+    last_logged = history[-1]["iter"] if history else -1  # kept on the device: no host sync per step
+    clock, first_step, permutation, status = utils.RunClock(elapsed_before), step, None, "completed"
+
+    def checkpoint():
+        utils.save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                              window_loss=window_loss.item(), window_steps=window_steps, elapsed=clock.elapsed(),
+                              args=vars(args), torch_rng=torch.get_rng_state())
+
+    def diverged(loss, lr):  # large step sizes do diverge: keep everything up to here, say so, stop
+        log.record(iter=step, epoch=step / steps_per_epoch, lr=lr, train_loss_batches=float(loss), train_loss=None)
+        print(f"DIVERGED at iteration {step} (epoch {step / steps_per_epoch:.2f}): training loss is {float(loss)}; "
+              f"the step size ({lr:.4g} at that point) is too large for this setting. Log: {log_path}")
+        return "diverged"
+
+    with log, utils.StopOnSignal() as stop:
+        while True:
+            # the step size of step `step`, computed once: logged with this step's evaluation, used by its update
+            lr = utils.deep_step_size(step / steps_per_epoch, args.epochs, args.lr, args.lr_schedule,
+                                      args.warmup_exp, args.large_lr_frac)
+            # evaluate before the update of every --eval-every-th step, and at the end
+            if (step % args.eval_every == 0 or step == total_steps) and step > last_logged:
+                if not torch.isfinite(window_loss):
+                    status = diverged(window_loss / window_steps, lr)
+                    break
+                with clock.evaluating():
+                    record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr,
+                              **utils.evaluate_classifier(model, data, blocks, args, autocast)}
+                    if window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
+                        record["train_loss_batches"] = window_loss.item() / window_steps
+                    log.record(**record, wall_time=clock.elapsed(), images_per_sec=clock.images_per_sec())
+                    window_loss, window_steps = torch.zeros((), device=device), 0
+                    if step > 0:
+                        checkpoint()
+                evals_left = total_steps // args.eval_every - step // args.eval_every
+                print(utils.progress_line(log.data["final"], total_steps, list(blocks)[-1], clock,
+                                          clock.remaining_seconds(total_steps - step, evals_left)), flush=True)
+                if not math.isfinite(record["train_loss"]):
+                    status = diverged(record["train_loss"], lr)
+                    break
+            if step == stop_step or stop.requested:
+                break
+
+            # one SGD step on a slice of this epoch's seeded permutation
+            epoch, index = divmod(step, steps_per_epoch)
+            if index == 0 or permutation is None:
+                permutation = utils.epoch_permutation(n_train, epoch, args.seed, device)
+            batch = permutation[index * args.batch_size:(index + 1) * args.batch_size]
+            images = data.train_images[batch]
+            if args.augment:
+                images = utils.augment_batch(images, args.seed, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = train_forward(utils.images_to_float(images, args.channels_last))
+                loss = F.cross_entropy(logits.float(), data.train_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window_loss += loss.detach()
+            window_steps += 1
+            step += 1
+            clock.add_step(len(batch))
+            if step % utils.DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(window_loss):
+                status = diverged(window_loss / window_steps, lr)
+                break
+            if step == first_step + min(10, stop_step - first_step):  # early, once the first steps are timed
+                evals_left = stop_step // args.eval_every - step // args.eval_every
+                print(f"projected wall time for this run: "
+                      f"{utils.format_seconds(clock.elapsed() + clock.remaining_seconds(stop_step - step, evals_left))} "
+                      f"({clock.images_per_sec():.0f} training images/s, evaluation every {args.eval_every} "
+                      "iterations)", flush=True)
+
+        if status == "completed" and step < total_steps:  # stopped by --stop-at-epoch, Ctrl-C or SIGTERM
+            checkpoint()
+            status = "interrupted"
+            print(f"stopped at iteration {step}; checkpoint saved, continue with --resume")
+        log.finish(status)
+    if stop.requested:
+        raise SystemExit(128 + stop.requested)  # the shell's convention (130 for Ctrl-C), so a sweep loop stops too
+    return status
 
 
 if __name__ == "__main__":
