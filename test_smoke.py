@@ -298,13 +298,14 @@ def test_deep_net_script_runs_logs_and_plots(script, tmp_path):
     for record in log["history"]:
         for key in ("epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "wall_time"):
             assert key in record
-        for block in blocks:  # raw density over all neurons, de-duplicated over the sampled 50 (SPEC §1.1)
-            assert 0 < record[f"density_{block}"] <= 1 and 0 < record[f"density_dedup_{block}"] <= 1
+        for block in blocks:  # raw density over all neurons, raw and de-duplicated over the 50 sampled ones
+            assert 0 < record[f"density_all_{block}"] <= 1
+            assert 0 < record[f"density_dedup_{block}"] <= record[f"density_{block}"] <= 1
     # default schedule: exponential warmup 1.05 for T = 50 % of training, set from each step's fractional epoch
     assert log["history"][1]["lr"] == pytest.approx(0.75 * 1.05 ** 50 / 10)  # epoch 0.5 = T·E: first ÷10 step
     assert log["final"]["images_per_sec"] > 0
     figures = tmp_path / "figures"
-    plotted = run_script("plots.py", "--logs", str(out), "--out", str(figures))
+    plotted = run_script("plots.py", "--logs", str(out), "--out-dir", str(figures))
     assert plotted.returncode == 0, plotted.stderr
     assert [p.suffix for p in figures.iterdir()] == [".png"]
 
@@ -391,7 +392,9 @@ def test_divergence_is_detected_logged_and_reported(tmp_path):
     (["--resume"], "--resume"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir"),
     (["--n-train", "0"], "--n-train"),
+    (["--n-train", "3000"], "--n-train"),  # the synthetic set has 2 560 training images
     (["--out-dir", "/proc/forbidden"], "--out-dir"),
+    (["--lr_init", "0.1"], "did you mean --lr?"),
 ])
 def test_deep_net_bad_input_is_one_line_exit_2(args, flag, tmp_path):
     out = [] if "--out-dir" in args else ["--out-dir", str(tmp_path)]
@@ -399,6 +402,13 @@ def test_deep_net_bad_input_is_one_line_exit_2(args, flag, tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_deep_net_data_dir_inside_the_cifar_folder_is_a_one_line_hint(fake_cifar10_dir, tmp_path):
+    inside = os.path.join(fake_cifar10_dir, "cifar-10-batches-py")
+    result = run_script(*TINY_RESNET, "--dataset", "cifar10", "--data-dir", inside, "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--data-dir" in result.stderr and "point the data directory at its parent" in result.stderr
 
 
 def test_densenet_rejects_invalid_depth(tmp_path):
