@@ -1,4 +1,4 @@
-"""Speed of the kit's pipeline against the best achievable on the same machine, in the same run (issue 4).
+"""Speed of the kit's pipeline against the best achievable on the same machine, in the same run.
 
 Researchers run these experiments as sweeps (step sizes × schedules × seeds), so speed decides how much of the paper a
 user can afford to reproduce. Every item times OUR real code path and a reference side by side, in one process:
@@ -12,11 +12,9 @@ shared, noisy machine slows both sides alike. The 1-minute load average before a
   data_path            one epoch of our batches (seeded permutation      torchvision DataLoader, per-image      ≥ 5×
                        slice, crop+flip gather, float conversion)        RandomCrop(32, 4) + flip + ToTensor,
                                                                          at its fastest worker count
-  sparsity_dedup       utils.feature_sparsity, 10752 × 4096, ~1/3 of     plain greedy SPEC §1.1: numpy float64  ≥ 10×
-                       the columns duplicating others; same output       corrcoef, then delete one row and
-                                                                         column at a time
-  sparsity_dedup_1000  the same at the deep-net setting (1000 sampled    the same                               ≥ 1×
-                       neurons): no regression
+  sparsity_dedup       utils.feature_sparsity, 10752 × 4096, ~1/3 of     the plain greedy loop: numpy           ≥ 5×
+                       the columns duplicating others; same output       float64 corrcoef, then delete one row
+                                                                         and column at a time
   sparsity_blocks      all ResNet-18 blocks from ONE eval pass (hooks)   one forward pass per block (the        ≥ 3×
                        over --sparsity-examples images; same densities   authors' code)
   eval_overhead        share of wall time spent in evaluation during a train_resnet.py run with the default     ≤ 15 %
@@ -34,7 +32,7 @@ Commands (from the repository root):
 
 benchmark.json is a list of records {name, ours, baseline, unit, ratio, target, met, details}; `details` holds the
 absolute numbers, sizes, data set, load averages and the environment. Real CIFAR-10 is used when found (--data-dir,
-else ./data, else ../shared/data beside the checkout); otherwise the generated synthetic set (recorded either way).
+else ./data); otherwise the generated synthetic set (recorded either way).
 Targets are reported, never asserted: timings depend on the machine and on whatever else it is running.
 """
 import argparse
@@ -59,8 +57,8 @@ import train_resnet
 import utils
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-ITEMS = ("train_step", "data_path", "sparsity_dedup", "sparsity_dedup_1000", "sparsity_blocks", "eval_overhead",
-         "seed_sweep", "compute_efficiency")
+ITEMS = ("train_step", "data_path", "sparsity_dedup", "sparsity_blocks", "eval_overhead", "seed_sweep",
+         "compute_efficiency")
 
 # Sizes of the full run and of --quick (a smoke test of the machinery, seconds; its ratios are not meaningful).
 FULL = dict(repeats=3, width=16, batch=256, steps=10, dedup_shape=(10752, 4096), blocks_examples=10752,
@@ -122,8 +120,8 @@ def quiet():
 
 
 def find_cifar10(data_dir):
-    """The folder holding cifar-10-batches-py/: --data-dir, else ./data, else ../shared/data beside the checkout."""
-    candidates = [data_dir] if data_dir else ["data", os.path.join(REPO, "..", "shared", "data")]
+    """The folder holding cifar-10-batches-py/: --data-dir, else ./data."""
+    candidates = [data_dir] if data_dir else ["data"]
     for folder in candidates:
         if os.path.exists(os.path.join(folder, "cifar-10-batches-py", "data_batch_1")):
             return folder
@@ -135,27 +133,19 @@ def load_images(args, device):
     synthetic set."""
     folder = find_cifar10(args.data_dir) if (args.data_dir or not args.quick) else None
     if folder is None:
-        return utils.load_image_dataset("synthetic", None, device=device), "synthetic (generated; CIFAR-10 not found)"
-    data = utils.load_image_dataset("cifar10", folder, device=device)
-    return data, f"cifar10 from {os.path.abspath(folder)}"
+        return utils.synthetic_image_dataset().to(device), "synthetic (generated; CIFAR-10 not found)"
+    return utils.load_image_dataset("cifar10", folder).to(device), f"cifar10 from {os.path.abspath(folder)}"
 
 
-def train_args(size, out_dir, device, extra=()):
+def train_argv(size, out_dir, device, extra=()):
     """train_resnet.py flags of the benchmark runs: the E9 setting (momentum, weight decay, augmentation), which
-    exercises every part of the loop; a moderate η so that random weights never diverge."""
-    argv = ["--width", str(size["width"]), "--batch-size", str(size["batch"]), "--lr", "0.05", "--warmup-exp", "1",
-            "--momentum", "0.9", "--weight-decay", "5e-4", "--augment", "--out-dir", out_dir,
-            "--device", device.type, *extra]
-    return train_resnet.build_parser().parse_args(argv)
-
-
-def new_run(args, data, device):
-    """A utils.DeepNetRun exactly as train_resnet.py builds it (model, channels_last, backend flags, log)."""
-    precision = utils._configure_backend(args, device)
-    model = utils.apply_channels_last(args, train_resnet.ResNet18(data.num_classes, args.width).to(device), device)
-    with quiet():
-        return utils.DeepNetRun(args, model, data, "train_resnet", "benchmark", model.SPARSITY_BLOCKS,
-                                {"width": args.width}, device, precision)
+    exercises every part of the loop; a moderate η so that random weights never diverge. The data set is the
+    benchmark's: real CIFAR-10 if found, else the synthetic set."""
+    data = ["--dataset", "cifar10", "--data-dir", size["cifar_dir"]] if size.get("cifar_dir") else ["--dataset",
+                                                                                                     "synthetic"]
+    return ["--width", str(size["width"]), "--batch-size", str(size["batch"]), "--lr", "0.05", "--warmup-exp", "1",
+            "--momentum", "0.9", "--weight-decay", "5e-4", "--augment", "--out-dir", out_dir, "--device", device.type,
+            *data, *extra]
 
 
 def subset(data, n_train, n_test):
@@ -190,20 +180,20 @@ def fixed_batch(data, batch, channels_last, device):
 
 
 def training_loop_seconds(ctx):
-    """Seconds of train_resnet.py's training loop over one epoch of size["steps"] iterations: DeepNetRun.run, as the
-    script runs it, read from the run's own clock, which pauses during evaluation (here at iterations 0 and last)."""
+    """Seconds of train_resnet.py's training loop over one epoch of size["steps"] iterations: train_resnet.main as a
+    user runs it, evaluation excluded (read from the run's `images_per_sec`, which does not count evaluation time)."""
     size, device = ctx["size"], ctx["device"]
     steps, batch = size["steps"], size["batch"]
     n_eval = size["eval_examples"] or 256  # evaluation is excluded from the timing: keep it short
     with tempfile.TemporaryDirectory() as out_dir:
-        args = train_args(size, out_dir, device, ["--epochs", "1", "--eval-every", str(steps),
-                                                  "--sparsity-examples", str(n_eval)])
-        run = new_run(args, subset(ctx["data"], steps * batch, n_eval), device)  # one epoch = `steps` iterations
+        argv = train_argv(size, out_dir, device, ["--epochs", "1", "--eval-every", str(steps), "--sparsity-examples",
+                                                  str(n_eval), "--n-train", str(steps * batch)])
         with quiet():
-            status = run.run()
-    if status != "completed":
-        raise RuntimeError(f"benchmark training run ended {status}")
-    return run.clock.train_seconds
+            status = train_resnet.main(argv)
+        if status != "completed":
+            raise RuntimeError(f"benchmark training run ended {status}")
+        log = utils.load_logs(out_dir)[0]
+    return steps * batch / log["final"]["images_per_sec"]
 
 
 def loop_step_seconds(ctx):
@@ -253,14 +243,17 @@ def bench_data_path(ctx):
 
     size, device, data = ctx["size"], ctx["device"], ctx["data"]
     batch = 256
-    with tempfile.TemporaryDirectory() as out_dir:
-        run = new_run(train_args(dict(size, batch=batch), out_dir, device), data, device)
+    n_train = len(data.train_labels)
+    steps_per_epoch = math.ceil(n_train / batch)
     epochs_done = [0]
 
-    def ours():  # every batch of one epoch, as the training loop requests them (a new epoch each call)
-        first = epochs_done[0] * run.steps_per_epoch
-        for step in range(first, first + run.steps_per_epoch):
-            images, labels = run.batch(step)
+    def ours():  # every batch of one epoch, as train_resnet.py's loop makes them (a new epoch each call)
+        epoch = epochs_done[0]
+        permutation = utils.epoch_permutation(n_train, epoch, 0, device)
+        for index in range(steps_per_epoch):
+            indices = permutation[index * batch:(index + 1) * batch]
+            images = utils.augment_batch(data.train_images[indices], 0, epoch * steps_per_epoch + index)
+            images, labels = utils.images_to_float(images, True), data.train_labels[indices]
         epochs_done[0] += 1
         sync(device)
 
@@ -316,9 +309,11 @@ def duplicated_activations(n_rows, n_cols, seed=0):
     return torch.relu(torch.cat([pre, copies], dim=1)[:, order]).contiguous()
 
 
-def plain_greedy_sparsity(phi, corr_threshold):
-    """SPEC §1.1 the straightforward way: float64 numpy, the full correlation matrix, then the greedy pass in column
-    order, deleting one row and column at a time. Returns (density, dedup_density, kept mask of the alive columns)."""
+def plain_greedy_sparsity(phi, tau):
+    """The paper's de-duplication the straightforward way: float64 numpy, the full correlation matrix, then the greedy
+    pass in column order, deleting one row and column at a time (zeroed in place; the authors' code copies the matrix
+    with np.delete at every deletion, which is far slower). Returns (density, dedup_density, kept mask of the alive
+    columns)."""
     phi = np.asarray(phi, dtype=np.float64)
     positive = phi > 0
     alive = positive.any(axis=0)
@@ -328,25 +323,23 @@ def plain_greedy_sparsity(phi, corr_threshold):
     np.fill_diagonal(corr, 0.0)
     kept = np.ones(corr.shape[0], dtype=bool)
     for i in range(corr.shape[0]):
-        if (corr[i] > corr_threshold).any():  # some column still present is a duplicate of column i
+        if (corr[i] > tau).any():  # some column still present is a duplicate of column i
             kept[i] = False
             corr[i, :] = 0.0  # delete row and column i
             corr[:, i] = 0.0
     return positive.sum() / phi.size, positive[:, alive][:, kept].sum() / phi.size, kept
 
 
-def bench_sparsity_dedup(ctx, name, max_neurons=None):
-    """Item 3a: utils.feature_sparsity vs the plain greedy on the same float32 matrix; outputs must be identical."""
+def bench_sparsity_dedup(ctx):
+    """Item 3: utils.feature_sparsity vs the plain greedy loop on the same float32 matrix; outputs must be identical."""
     size, device = ctx["size"], ctx["device"]
     n_rows, n_cols = size["dedup_shape"]
     phi = duplicated_activations(n_rows, n_cols).to(device)
-    # the plain way measures the same neurons: the SPEC §1.1 step-2 subset, drawn by the same utils function
-    columns = utils.neuron_subset(n_cols, max_neurons, seed=0)
-    phi_reference = (phi if columns is None else phi[:, columns.to(device)]).cpu().numpy()
+    phi_reference = phi.cpu().numpy()
     results = {}
 
     def ours():
-        results["ours"] = utils.feature_sparsity(phi, 0.95, max_neurons=max_neurons, seed=0)
+        results["ours"] = utils.feature_sparsity(phi, 0.95)
         sync(device)
 
     def reference():
@@ -354,18 +347,14 @@ def bench_sparsity_dedup(ctx, name, max_neurons=None):
 
     ours_median, reference_median, pairs = side_by_side(ours, reference, size["repeats"])
     (density, dedup), (ref_density, ref_dedup, kept) = results["ours"], results["reference"]
-    alive = torch.as_tensor(phi_reference > 0).any(dim=0)
-    deleted = utils.duplicate_columns(torch.as_tensor(phi_reference)[:, alive], 0.95).cpu().numpy()
-    identical = bool(dedup == ref_dedup and np.array_equal(~deleted, kept)
-                     and (max_neurons is not None or density == ref_density))
-    details = {"shape": [n_rows, n_cols], "neurons_measured": int(phi_reference.shape[1]), "tau": 0.95,
-               "deleted_columns": int((~kept).sum()), "density": density, "dedup_density": dedup,
-               "identical_output": identical, "repeats_s": pairs,
+    identical = bool(dedup == ref_dedup and density == ref_density)
+    details = {"shape": [n_rows, n_cols], "tau": 0.95, "deleted_columns": int((~kept).sum()), "density": density,
+               "dedup_density": dedup, "identical_output": identical, "repeats_s": pairs,
                "reference": "numpy float64 corrcoef + greedy pass deleting one row and column at a time"}
     if not identical:
-        raise RuntimeError(f"{name}: feature_sparsity differs from the plain greedy ({dedup} vs {ref_dedup})")
-    target = (">=", 10.0) if max_neurons is None else (">=", 1.0)
-    return record(name, ours_median, reference_median, "s", reference_median / ours_median, target, details)
+        raise RuntimeError(f"sparsity_dedup: feature_sparsity differs from the plain greedy ({dedup} vs {ref_dedup})")
+    return record("sparsity_dedup", ours_median, reference_median, "s", reference_median / ours_median, (">=", 5.0),
+                  details)
 
 
 def bench_sparsity_blocks(ctx):
@@ -373,11 +362,11 @@ def bench_sparsity_blocks(ctx):
     size, device, data = ctx["size"], ctx["device"], ctx["data"]
     torch.manual_seed(0)
     model = train_resnet.ResNet18(data.num_classes, size["width"]).to(device).to(memory_format=torch.channels_last)
-    images = data.train_images[:size["blocks_examples"]]  # the fixed, unaugmented sparsity images (SPEC §1.1)
+    images = data.train_images[:size["blocks_examples"]]  # the fixed, unaugmented images that measure sparsity
     blocks = model.SPARSITY_BLOCKS
     results = {}
 
-    def batches():  # as DeepNetRun.evaluate feeds them: eval-size chunks converted on the device
+    def batches():  # as utils.evaluate_classifier feeds them: eval-size chunks converted on the device
         return (utils.images_to_float(chunk, True) for chunk in images.split(utils.default_eval_batch_size(device)))
 
     def ours():
@@ -407,31 +396,35 @@ def bench_eval_overhead(ctx):
     """Item 4: share of a train_resnet.py run's wall time spent evaluating, with the default --eval-every (200
     iterations) and --sparsity-examples (10752 images), at the CPU setting (--width 16, batch 256, all test images).
 
-    Both parts come from the run's own machinery: one evaluation exactly as the loop performs it (train loss/error
-    and every block's sparsity from one pass, test loss/error, log record, checkpoint), and the loop's seconds per
-    iteration (item 1). Share = E / (E + eval_every · t_step); running a whole 200-iteration period would only add
-    minutes.
+    Both parts are measured on the run's own code: one evaluation as the loop performs it (utils.evaluate_classifier:
+    train loss/error and every block's sparsity from one pass, test loss/error; then the checkpoint), and the loop's
+    seconds per iteration (item 1). Share = E / (E + eval_every · t_step); running a whole 200-iteration period would
+    only add minutes.
     """
     size, device, data = ctx["size"], ctx["device"], ctx["data"]
     flags = ["--sparsity-examples", str(size["eval_examples"])] if ctx["quick"] else []  # else the defaults
     n_test = size["eval_examples"] or len(data.test_labels)
+    args = train_resnet.build_parser().parse_args(train_argv(size, "unused", device, flags))
+    utils.configure_backend(args, device)
+    model = train_resnet.ResNet18(data.num_classes, args.width).to(device)
+    model = utils.apply_channels_last(args, model, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    evaluated = subset(data, len(data.train_labels), n_test)
     seconds = []
     with tempfile.TemporaryDirectory() as out_dir:
-        args = train_args(size, out_dir, device, flags)
-        run = new_run(args, subset(data, len(data.train_labels), n_test), device)
-        run.step, run.clock = args.eval_every, utils._RunClock()  # as at the first periodic evaluation
         for _ in range(max(1, size["repeats"] - 1)):
             start = time.perf_counter()
-            with quiet():
-                run._evaluate_and_log()
+            utils.evaluate_classifier(model, evaluated, model.SPARSITY_BLOCKS, args)
+            utils.save_checkpoint(os.path.join(out_dir, "run.pt"), model=model.state_dict(),
+                                  optimizer=optimizer.state_dict())
             sync(device)
             seconds.append(time.perf_counter() - start)
     per_eval = statistics.median(seconds)
     step_seconds = ctx.get("loop_step_seconds") or loop_step_seconds(ctx)
     period = per_eval + args.eval_every * step_seconds
     details = {"width": args.width, "batch_size": args.batch_size, "eval_every": args.eval_every,
-               "sparsity_examples": run.n_sparsity, "test_images": n_test, "eval_seconds": seconds,
-               "loop_s_per_step": step_seconds, "data": ctx["data_name"]}
+               "sparsity_examples": min(args.sparsity_examples, len(data.train_labels)), "test_images": n_test,
+               "eval_seconds": seconds, "loop_s_per_step": step_seconds, "data": ctx["data_name"]}
     return record("eval_overhead", per_eval, period, "s", per_eval / period, ("<=", 0.15), details)
 
 
@@ -568,8 +561,8 @@ def build_parser():
                         help=f"run only these items (default: all): {', '.join(ITEMS)}")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON list of records")
     parser.add_argument("--data-dir", default=None,
-                        help="folder holding cifar-10-batches-py/ (default: ./data, else ../shared/data; the "
-                             "synthetic set if neither has it)")
+                        help="folder holding cifar-10-batches-py/ (default: ./data; the synthetic set if it has "
+                             "none)")
     parser.add_argument("--repeats", type=utils.positive_int, default=None,
                         help="timed repeats per item (default: 5, or 2 with --quick)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -583,13 +576,18 @@ def main(argv=None):
     utils.prepare_out_dir(out_dir, flag="--out")
     if args.data_dir is not None and find_cifar10(args.data_dir) is None:
         utils.usage_error("--data-dir", f"no cifar-10-batches-py/ with data_batch_1 in {args.data_dir!r}")
-    device = utils.resolve_device(args.device)
+    try:
+        device = utils.resolve_device(args.device)
+    except ValueError as err:
+        utils.usage_error("--device", str(err))
     if args.quick:  # a smoke test: on a shared machine every multi-threaded small op would wait for a busy core
         torch.set_num_threads(1)
     size = dict(QUICK if args.quick else FULL)
     if args.repeats is not None:
         size["repeats"] = args.repeats
     data, data_name = load_images(args, device)
+    if data_name.startswith("cifar10"):
+        size["cifar_dir"] = find_cifar10(args.data_dir)
     env = environment(device, data_name, args.quick)
     print(f"benchmark on {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} torch threads), "
           f"torch {env['torch']}, {env['date']}; data: {data_name}", flush=True)
@@ -600,8 +598,7 @@ def main(argv=None):
               "on one thread each) gives steadier numbers")
     ctx = {"size": size, "device": device, "data": data, "data_name": data_name, "quick": args.quick}
     benches = {"train_step": bench_train_step, "data_path": bench_data_path,
-               "sparsity_dedup": lambda c: bench_sparsity_dedup(c, "sparsity_dedup"),
-               "sparsity_dedup_1000": lambda c: bench_sparsity_dedup(c, "sparsity_dedup_1000", max_neurons=1000),
+               "sparsity_dedup": bench_sparsity_dedup,
                "sparsity_blocks": bench_sparsity_blocks, "eval_overhead": bench_eval_overhead,
                "seed_sweep": bench_seed_sweep, "compute_efficiency": bench_compute_efficiency}
     records, start = [], time.perf_counter()

@@ -1063,9 +1063,10 @@ def test_benchmark_quick_writes_every_documented_record(tmp_path):
     assert "train_step" in result.stdout and "wrote" in result.stdout  # the table is printed
 
 
-def test_benchmark_plain_greedy_reference_is_the_spec_definition():
-    """The reference of the sparsity item must compute SPEC §1.1 itself, or the comparison would be meaningless."""
+def test_benchmark_plain_greedy_reference_is_the_papers_definition():
+    """The reference of the sparsity item must compute the definition itself, or the comparison would be meaningless."""
     import benchmark
+    from test_utils import greedy_feature_sparsity, random_activation_matrix
 
     rng = np.random.default_rng(7)
     for _ in range(40):
