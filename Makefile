@@ -19,10 +19,10 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q test_smoke.py
+	$(PY) -m pytest -q test_utils.py test_smoke.py
 
-# The paper's toy experiments end to end (SPEC E1-E6): about 2-5 minutes on 2 CPU cores, no data download, no GPU.
-# Several seeds per experiment: the large-step runs sit at the edge of divergence and depend on the draw (SPEC E1),
+# The paper's toy experiments end to end (E1-E6): about 2-5 minutes on 2 CPU cores, no data download, no GPU.
+# Several seeds per experiment: the large-step runs sit at the edge of divergence and depend on the draw,
 # so the figures show the median over seeds with a min-max band and count the diverged seeds.
 demo: $(STAMP)
 	$(PY) diag_net.py --preset e1 --seeds $(shell seq 1 16) --out-dir $(DEMO_LOGS)
@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) two_layer_relu.py --preset e4 --seeds $(shell seq 0 7) --out-dir $(DEMO_LOGS)
 	$(PY) two_layer_relu.py --preset e5 --seeds $(shell seq 0 15) --out-dir $(DEMO_LOGS)
 	$(PY) two_layer_relu.py --preset e6 --seeds $(shell seq 0 7) --out-dir $(DEMO_LOGS)
-	$(PY) plots.py --logs $(DEMO_LOGS) --out $(FIGURES)
+	$(PY) plots.py --logs $(DEMO_LOGS) --out-dir $(FIGURES)
 	@echo "Done: figures in $(FIGURES)/ (e1.png ... e6.png), run logs in $(DEMO_LOGS)/"
 
 clean:

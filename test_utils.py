@@ -422,7 +422,7 @@ def test_failed_download_raises_a_download_error(tmp_path, monkeypatch):
 
 def test_failed_download_of_unreachable_url_fails_fast(tmp_path, monkeypatch):
     # the real torchvision download path against a closed local port: refused at once, no network needed
-    monkeypatch.setitem(utils._IMAGE_SOURCES["cifar100"], "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")
+    monkeypatch.setitem(utils.IMAGE_SOURCES["cifar100"], "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")
     with pytest.raises(utils.DownloadError, match="downloading CIFAR-100"):
         utils.load_image_dataset("cifar100", str(tmp_path), download=True)
 

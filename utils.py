@@ -704,7 +704,7 @@ SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512  # size of the generated "synthetic"
 # Where each data set lives under data_dir (the layouts torchvision downloads) and the official archive a download
 # fetches. Only a downloaded archive's MD5 is checked: extracted files are read as they are, so re-encoded copies
 # with other checksums load too.
-_IMAGE_SOURCES = {
+IMAGE_SOURCES = {
     "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py", num_classes=10, label_key="labels",
                     train=[f"data_batch_{k}" for k in range(1, 6)], test=["test_batch"],
                     expect="data_batch_1..5 and test_batch", size="170 MB",
@@ -759,7 +759,7 @@ def load_image_dataset(name, data_dir, download=False):
     """
     if name == "synthetic":
         return synthetic_image_dataset()
-    if name not in _IMAGE_SOURCES:
+    if name not in IMAGE_SOURCES:
         raise ValueError(f"unknown image data set {name!r}; expected one of {IMAGE_DATASETS}")
     folder = _locate_image_data(name, data_dir, download)
     return _read_tiny_imagenet(folder) if name == "tinyimagenet" else _read_cifar(name, folder)
@@ -780,7 +780,7 @@ def _image_data_present(source, folder):
 
 def _locate_image_data(name, data_dir, download):
     """The data set's folder under data_dir, downloading it first if asked."""
-    source = _IMAGE_SOURCES[name]
+    source = IMAGE_SOURCES[name]
     folder = os.path.join(data_dir, source["folder"])
     if not _image_data_present(source, folder) and download:
         _download_image_data(source, data_dir)
@@ -809,7 +809,7 @@ def _download_image_data(source, data_dir):
 
 
 def _read_cifar(name, folder):
-    source = _IMAGE_SOURCES[name]
+    source = IMAGE_SOURCES[name]
     train = [_read_cifar_file(os.path.join(folder, f), source) for f in source["train"]]
     test = [_read_cifar_file(os.path.join(folder, f), source) for f in source["test"]]
     return ImageDataset(train_images=torch.from_numpy(np.concatenate([images for images, _ in train])),
