@@ -527,18 +527,8 @@ def bench_compute_efficiency(ctx):
 # ======================================================================================================================
 
 
-def cpu_name():
-    """The CPU model as /proc/cpuinfo names it (lscpu's "Model name"), else what platform knows."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(device, data_name, quick):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else utils.cpu_name()
     return {"device": str(device), "device_name": name, "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "torch": torch.__version__, "numpy": np.__version__,

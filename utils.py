@@ -669,24 +669,24 @@ def _git_commit():
     return out.stdout.strip() or None
 
 
-def environment_info(device=None):
+def cpu_name():
+    """The CPU model as /proc/cpuinfo names it (lscpu's "Model name"), else what the platform module knows."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment_info(device="cpu"):
     """Versions and hardware, stored in every log so that a number can be traced to where it was produced."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
+    device = torch.device(device)
+    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "torch_threads": torch.get_num_threads(), "git_commit": _git_commit(),
+            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
 
 # ======================================================================================================================
