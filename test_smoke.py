@@ -43,6 +43,35 @@ def assert_valid_log(path, script):
 
 
 # ======================================================================================================================
+# Every file of the repository
+# ======================================================================================================================
+
+PROCESS_STATE = """
+import json, os, sys, torch
+def state():
+    import matplotlib
+    return {"env": dict(os.environ), "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+            "matmul": torch.get_float32_matmul_precision(), "dtype": str(torch.get_default_dtype()),
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "grad": torch.is_grad_enabled(),
+            "cudnn": [torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                      torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32],
+            "rng": torch.get_rng_state().sum().item(), "backend": matplotlib.get_backend()}
+before = state()
+import %s
+print(json.dumps([before, state()]))
+"""
+
+
+@pytest.mark.parametrize("module", ["utils", "diag_net", "two_layer_relu", "train_resnet", "train_densenet", "plots",
+                                    "benchmark"])
+def test_importing_a_file_changes_nothing_in_the_process(module):
+    result = run_script("-c", PROCESS_STATE % module)
+    assert result.returncode == 0, result.stderr
+    before, after = json.loads(result.stdout)
+    assert before == after
+
+
+# ======================================================================================================================
 # Deep-net models (train_resnet.py, train_densenet.py)
 # ======================================================================================================================
 
