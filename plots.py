@@ -1,9 +1,9 @@
 """Redraw every figure of the kit from run logs alone.
 
-    python plots.py --logs runs/ --out figures/
+    python plots.py --logs runs/ --out-dir figures/
 
 Reads every JSON run log under --logs (recursively), groups the logs by their `experiment` key (e1 ... e6 for the toy
-presets of SPEC.md, one group per model/data set for deep nets), and writes one PNG per figure into --out. Seeds of
+presets, one group per model/data set for deep nets), and writes one PNG per figure into --out-dir. Seeds of
 the same run (same `run` label) are drawn as the median with a min–max band. File names are never parsed: all data
 comes from the JSON. No LaTeX needed (matplotlib's mathtext only).
 """
@@ -90,7 +90,7 @@ DRAWERS = {}
 
 def draw_deep_net(experiment, logs, out_dir):
     """Figure 1 of the paper for one model × data set: train loss, test error and, per block, the feature sparsity
-    (de-duplicated density solid, raw density dashed; SPEC §1.1) against epochs, one colour per run."""
+    (de-duplicated density solid, raw density dashed) against epochs, one colour per run."""
     blocks = logs[0]["config"].get("blocks", [])
     panels = [("train_loss", "train loss", True), ("test_error", "test error (%)", False)]
     panels += [(block, f"{block}: feature density (%)", False) for block in blocks]
@@ -123,16 +123,16 @@ DRAWERS["train_densenet"] = draw_deep_net
 
 # ----------------------------------------------------------------------- ReLU toys, two_layer_relu.py (E4–E6) -----
 
-# Panels per preset (SPEC E4–E6): (metric key or special panel, title, log-scale y). Sparsity keys name the raw density;
-# the de-duplicated one is the same key with "_dedup" inserted (feature_sparsity_dedup, feature_sparsity_dedup_layer1).
+# Panels per preset: (metric key or special panel, title, log-scale y). Sparsity keys name the raw density of a layer,
+# density_<layer>; the de-duplicated one is density_dedup_<layer>.
 _RELU_LOSSES = [("train_loss", "train loss", True), ("test_loss", "test loss", True)]
 _RELU_RANK = ("rank", "rank of the Jacobian", False)
 RELU_TOY_PANELS = {
     "e4": [_RELU_LOSSES[0], ("function", "learned function (after the last step)", False), _RELU_RANK,
-           ("feature_sparsity", "feature density (%)", False)],
-    "e5": [*_RELU_LOSSES, _RELU_RANK, ("feature_sparsity", "feature density (%)", False)],
-    "e6": [*_RELU_LOSSES, _RELU_RANK, ("feature_sparsity_layer1", "feature density, layer 1 (%)", False),
-           ("feature_sparsity_layer2", "feature density, layer 2 (%)", False)],
+           ("density_layer1", "feature density (%)", False)],
+    "e5": [*_RELU_LOSSES, _RELU_RANK, ("density_layer1", "feature density (%)", False)],
+    "e6": [*_RELU_LOSSES, _RELU_RANK, ("density_layer1", "feature density, layer 1 (%)", False),
+           ("density_layer2", "feature density, layer 2 (%)", False)],
 }
 
 
@@ -149,7 +149,7 @@ TOY_ALL_DIVERGED_STYLE = {"linestyle": "-.", "marker": "x", "markevery": [-1]}
 
 
 def _toy_seeds_to_draw(label, runs):
-    """How both toy drawers treat diverged seeds (SPEC E1: large-step runs sit at the edge of divergence): returns
+    """How both toy drawers treat diverged seeds (large-step runs sit at the edge of divergence): returns
     (legend label, logs to draw, extra line style).
 
     Diverged seeds stay out of the median and the min–max band (their blow-up would stretch the band over tens of
@@ -175,7 +175,7 @@ def _relu_learned_function(ax, runs, label, color):
 
 
 def draw_relu_toy(experiment, logs, out_dir):
-    """E4/E5/E6 (SPEC §3): losses (log scale), Jacobian rank and feature density (de-duplicated solid, raw dotted)
+    """E4/E5/E6: losses (log scale), Jacobian rank and feature density (de-duplicated solid, raw dotted)
     against iterations, one colour per run, dashed lines at the decay points; plus the E5 neuron-movement figure."""
     preset = logs[0]["config"]["preset"]
     panels = RELU_TOY_PANELS[preset]
@@ -189,8 +189,8 @@ def draw_relu_toy(experiment, logs, out_dir):
                 _relu_learned_function(ax, drawn, label, color)
                 ax.set_xlabel("x")
                 continue
-            if key.startswith("feature_sparsity"):
-                dedup_key = key.replace("feature_sparsity", "feature_sparsity_dedup")
+            if key.startswith("density_"):
+                dedup_key = key.replace("density_", "density_dedup_", 1)
                 plot_metric(ax, drawn, dedup_key, label, color=color, scale=100, **style)
                 plot_metric(ax, drawn, key, None, color=color, scale=100, **dict(style, linestyle=":", alpha=0.7))
             else:
@@ -229,7 +229,7 @@ def _neuron_panel(ax, neurons):
 
 
 def draw_neuron_movement(experiment, logs, out_dir):
-    """E5 neuron movement (SPEC E5): one panel per run, from its lowest seed that has neuron data (diverged seeds
+    """E5 neuron movement: one panel per run, from its lowest seed that has neuron data (diverged seeds
     have none)."""
     groups = runs_by_label(logs)
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.9), squeeze=False)
@@ -262,11 +262,11 @@ DRAWERS["two_layer_relu"] = draw_relu_toy
 
 DIAG_NET_PANELS = [("train_loss", "train loss", True), ("test_loss", "test loss", True),
                    ("rank", r"rank of $\varphi(X)$", False), ("l0", r"$\|\beta\|_0$", False)]
-DIAG_NET_LOSS_CLIP = 100.0  # SPEC E3: the loss-surface contours are clipped at 100
+DIAG_NET_LOSS_CLIP = 100.0  # E3: the loss-surface contours are clipped at 100
 
 
 def _diag_net_curves(experiment, logs, out_dir, name):
-    """E1/E2 panels (SPEC E1): train and test loss (log scale), rank of φ(X), ‖β‖₀ against iterations; one colour
+    """E1/E2 panels: train and test loss (log scale), rank of φ(X), ‖β‖₀ against iterations; one colour
     per run, median and min–max band over its non-diverged seeds, dashed lines at the decay iterations ⌊T·N⌋."""
     fig, axes = plt.subplots(1, len(DIAG_NET_PANELS), figsize=(3.9 * len(DIAG_NET_PANELS), 3.4))
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
@@ -282,8 +282,8 @@ def _diag_net_curves(experiment, logs, out_dir, name):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
     config = logs[0]["config"]
-    fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n_train']}, d = {config['d']}, r = {config['r']}; "
-                 "dashed lines = decay points", fontsize=10)
+    fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n_train']}, d = {config['input_dim']}, "
+                 f"r = {config['support_size']}; dashed lines = decay points", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 3), 1, 1))  # room for the legend rows below the panels
     return save_figure(fig, out_dir, name)
 
@@ -323,8 +323,8 @@ def _diag_net_surface_panel(ax, surface, logs, key, title):
 
 
 def draw_diag_net(experiment, logs, out_dir):
-    """diag_net.py figures: E1/E2 (and custom runs) -> <experiment>.png with the four panels of SPEC E1;
-    E3 -> e3.png, the loss surface on the plane through w_init, w*, w_flow (SPEC E3), plus e3_metrics.png."""
+    """diag_net.py figures: E1/E2 (and custom runs) -> <experiment>.png with the four panels of E1;
+    E3 -> e3.png, the loss surface on the plane through w_init, w*, w_flow, plus e3_metrics.png."""
     surface = next((log["surface"] for log in logs if log.get("surface")), None)
     if surface is None:
         return [_diag_net_curves(experiment, logs, out_dir, experiment)]
@@ -350,12 +350,12 @@ def main(argv=None):
     parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logs", nargs="+", default=["runs"],
                         help="folders searched recursively for JSON run logs")
-    parser.add_argument("--out", default="figures", help="folder the PNG figures are written to")
+    parser.add_argument("--out-dir", default="figures", help="folder the PNG figures are written to")
     args = parser.parse_args(argv)
     for folder in args.logs:
         if not os.path.isdir(folder):
             utils.usage_error("--logs", f"{folder!r} is not a folder; pass the --out-dir of your runs")
-    utils.prepare_out_dir(args.out, "--out")
+    utils.prepare_out_dir(args.out_dir)
     logs = [log for folder in args.logs for log in utils.load_logs(folder)]
     if not logs:
         utils.usage_error("--logs", f"no run logs found under {' '.join(args.logs)}; run an experiment first")
@@ -368,7 +368,7 @@ def main(argv=None):
         if drawer is None:
             print(f"skipping {len(group)} log(s) of unknown script {script!r}")
             continue
-        written += drawer(experiment, group, args.out)
+        written += drawer(experiment, group, args.out_dir)
     for path in written:
         print(f"wrote {path}")
     return written
