@@ -111,7 +111,6 @@ def parse_args(argv=None):
         utils.usage_error(err.flag, err.message)
     if config["support_size"] > config["input_dim"]:
         utils.usage_error("--support-size", f"r = {config['support_size']} must be at most d = {config['input_dim']}")
-    utils.prepare_out_dir(args.out_dir)
     return args, config, runs, experiment
 
 # ======================================================================================================================
@@ -500,6 +499,7 @@ def print_summary(outcomes):
 
 def main(argv=None):
     args, config, runs, experiment = parse_args(argv)
+    utils.prepare_out_dir(args.out_dir)
     data = make_data(config["n_train"], config["input_dim"], config["support_size"], config["n_test"],
                      config["data_seed"])
     rank_of = JacobianRank(data["X_test"][:2 * config["input_dim"]])

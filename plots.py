@@ -10,13 +10,13 @@ comes from the JSON. No LaTeX needed (matplotlib's mathtext only).
 import collections
 import os
 
-import matplotlib
+import matplotlib.colors
+import matplotlib.figure
+import matplotlib.lines
+import matplotlib.patches
+import numpy as np
 
-matplotlib.use("Agg")  # files only; works on machines with no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import utils  # noqa: E402
+import utils
 
 # ======================================================================================================================
 # Shared helpers
@@ -70,11 +70,17 @@ def plot_metric(ax, logs, metric, label=None, x_key="iter", color=None, scale=1.
     return line
 
 
+def new_figure(rows, cols, size):
+    """A figure and its rows×cols array of axes. Built without pyplot, so that importing or calling this module never
+    touches matplotlib's global state (backend, open figures); PNGs need no display."""
+    fig = matplotlib.figure.Figure(figsize=size)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
 def save_figure(fig, out_dir, name):
     """Write `fig` as <out_dir>/<name>.png, close it, and return the path."""
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -96,7 +102,7 @@ def draw_deep_net(experiment, logs, out_dir):
     panels += [(block, f"{block}: feature density (%)", False) for block in blocks]
     n_cols = min(4, len(panels))
     n_rows = -(-len(panels) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3.2 * n_rows), squeeze=False)
+    fig, axes = new_figure(n_rows, n_cols, (4 * n_cols, 3.2 * n_rows))
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
         color = f"C{color_index % 10}"
         for ax, (key, title, log_scale) in zip(axes.flat, panels):
@@ -179,7 +185,7 @@ def draw_relu_toy(experiment, logs, out_dir):
     against iterations, one colour per run, dashed lines at the decay points; plus the E5 neuron-movement figure."""
     preset = logs[0]["config"]["preset"]
     panels = RELU_TOY_PANELS[preset]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.4), squeeze=False)
+    fig, axes = new_figure(1, len(panels), (3.9 * len(panels), 3.4))
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
         color = f"C{color_index % 10}"
         label, drawn, style = _toy_seeds_to_draw(label, runs)
@@ -212,7 +218,7 @@ def draw_relu_toy(experiment, logs, out_dir):
 def _neuron_panel(ax, neurons):
     """Teacher directions as arrows from the origin (green a* > 0, red a* < 0); student first-layer neurons at init
     (grey) moving to their end position (colour = sign of the output weight, size ∝ |a_j|)."""
-    ax.add_patch(plt.Circle((0, 0), 1, fill=False, linestyle=":", color="0.5"))  # the inputs lie on this circle
+    ax.add_patch(matplotlib.patches.Circle((0, 0), 1, fill=False, linestyle=":", color="0.5"))  # the inputs lie on this circle
     for w, a in zip(np.array(neurons["teacher_w"]), neurons["teacher_a"]):
         ax.annotate("", xy=w, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color="C2" if a > 0 else "C3", lw=2))
     start, end = np.array(neurons["student_w_init"]), np.array(neurons["student_w_end"])
@@ -232,7 +238,7 @@ def draw_neuron_movement(experiment, logs, out_dir):
     """E5 neuron movement: one panel per run, from its lowest seed that has neuron data (diverged seeds
     have none)."""
     groups = runs_by_label(logs)
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.9), squeeze=False)
+    fig, axes = new_figure(1, len(groups), (3.6 * len(groups), 3.9))
     for ax, (label, runs) in zip(axes.flat, groups.items()):
         with_data = [log for log in runs if log.get("neurons")] or runs
         log = min(with_data, key=lambda item: item.get("seed", 0))
@@ -242,12 +248,12 @@ def draw_neuron_movement(experiment, logs, out_dir):
         else:
             ax.text(0.5, 0.5, f"no neuron data\n(run {log['status']})", transform=ax.transAxes, ha="center")
             ax.set_axis_off()
-    handles = [plt.Line2D([], [], color="C2", lw=2, label="teacher, a* > 0"),
-               plt.Line2D([], [], color="C3", lw=2, label="teacher, a* < 0"),
-               plt.Line2D([], [], marker="o", color="0.6", linestyle="none", label="student at init"),
-               plt.Line2D([], [], marker="o", color="C2", markeredgecolor="black", linestyle="none",
+    handles = [matplotlib.lines.Line2D([], [], color="C2", lw=2, label="teacher, a* > 0"),
+               matplotlib.lines.Line2D([], [], color="C3", lw=2, label="teacher, a* < 0"),
+               matplotlib.lines.Line2D([], [], marker="o", color="0.6", linestyle="none", label="student at init"),
+               matplotlib.lines.Line2D([], [], marker="o", color="C2", markeredgecolor="black", linestyle="none",
                           label="student at end, a > 0 (size ∝ |a|)"),
-               plt.Line2D([], [], marker="o", color="C3", markeredgecolor="black", linestyle="none",
+               matplotlib.lines.Line2D([], [], marker="o", color="C3", markeredgecolor="black", linestyle="none",
                           label="student at end, a < 0")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"{experiment}: first-layer neurons w_j (init → end) and teacher directions", fontsize=10)
@@ -268,18 +274,18 @@ DIAG_NET_LOSS_CLIP = 100.0  # E3: the loss-surface contours are clipped at 100
 def _diag_net_curves(experiment, logs, out_dir, name):
     """E1/E2 panels: train and test loss (log scale), rank of φ(X), ‖β‖₀ against iterations; one colour
     per run, median and min–max band over its non-diverged seeds, dashed lines at the decay iterations ⌊T·N⌋."""
-    fig, axes = plt.subplots(1, len(DIAG_NET_PANELS), figsize=(3.9 * len(DIAG_NET_PANELS), 3.4))
+    fig, axes = new_figure(1, len(DIAG_NET_PANELS), (3.9 * len(DIAG_NET_PANELS), 3.4))
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
         color = f"C{color_index % 10}"
         label, drawn, style = _toy_seeds_to_draw(label, runs)
-        for ax, (key, title, log_scale) in zip(axes, DIAG_NET_PANELS):
+        for ax, (key, title, log_scale) in zip(axes[0], DIAG_NET_PANELS):
             plot_metric(ax, drawn, key, label, color=color, **style)
             _toy_decay_line(ax, runs, color)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
             if log_scale:
                 ax.set_yscale("log")
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
     config = logs[0]["config"]
     fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n_train']}, d = {config['input_dim']}, "
@@ -297,7 +303,7 @@ def _diag_net_surface_panel(ax, surface, logs, key, title):
     levels = np.logspace(np.log10(floor), np.log10(DIAG_NET_LOSS_CLIP), 25)
     filled = ax.contourf(coords, coords, np.maximum(loss, floor), levels=levels, cmap="viridis",
                          norm=matplotlib.colors.LogNorm(floor, DIAG_NET_LOSS_CLIP))
-    colorbar = plt.colorbar(filled, ax=ax, shrink=0.9)
+    colorbar = ax.figure.colorbar(filled, ax=ax, shrink=0.9)
     colorbar.set_ticks(10.0 ** np.arange(np.ceil(np.log10(floor)), np.log10(DIAG_NET_LOSS_CLIP) + 1))
     colorbar.set_ticklabels([f"1e{k:.0f}" for k in np.log10(colorbar.get_ticks())])
     for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
@@ -328,10 +334,10 @@ def draw_diag_net(experiment, logs, out_dir):
     surface = next((log["surface"] for log in logs if log.get("surface")), None)
     if surface is None:
         return [_diag_net_curves(experiment, logs, out_dir, experiment)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    _diag_net_surface_panel(axes[0], surface, logs, "train_loss", "train loss (log scale, clipped at 100)")
-    _diag_net_surface_panel(axes[1], surface, logs, "test_loss", "test loss (log scale, clipped at 100)")
-    axes[0].legend(fontsize=7, loc="upper left")
+    fig, axes = new_figure(1, 2, (12, 5))
+    _diag_net_surface_panel(axes[0, 0], surface, logs, "train_loss", "train loss (log scale, clipped at 100)")
+    _diag_net_surface_panel(axes[0, 1], surface, logs, "test_loss", "test loss (log scale, clipped at 100)")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{experiment}: loss surface of the diagonal linear net on the plane through "
                  r"$w_{init}$, $w^*$, $w_{flow}$, with the projected trajectories", fontsize=10)
     fig.tight_layout()

@@ -129,7 +129,6 @@ def parse_args(argv=None):
         if config["rank_points"] > config["n_test"]:
             utils.usage_error(flag, f"the Jacobian rank needs {config['rank_points']} test points but --n-test is "
                                     f"{config['n_test']}")
-    utils.prepare_out_dir(args.out_dir)
     return args, config, runs, experiment
 
 # ======================================================================================================================
@@ -473,6 +472,7 @@ def print_summary(experiment, logs_by_seed, summaries, seconds):
 
 def main(argv=None):
     args, config, runs, experiment = parse_args(argv)
+    utils.prepare_out_dir(args.out_dir)
     problem = make_problem(args.preset, config)
     env = utils.environment_info("cpu")
     print(f"{experiment}: {len(runs)} run(s) × {len(config['seeds'])} seed(s), N = {config['iterations']} "
