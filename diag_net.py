@@ -21,7 +21,7 @@ Definitions the code follows:
   * Metrics BEFORE the update of iterations {0..99} ∪ round(linspace(0, N, K))[:-1] (utils.eval_iterations); the
     last is the "final" point of the authors' printed numbers. The state after all N steps is logged as
     `after_training`. Train/test loss L, ‖β‖₀ = #{|β_i| > 1e-50}, ‖β‖₁, ‖(u, v)‖₂, balancedness ‖|u| − |v|‖₂, and the
-    rank of the Jacobian φ(X_r) on the first 2d test points (jacobian_ranks).
+    rank of the Jacobian φ(X_r) on the first 2d test points (JacobianRank).
   * All seeds of a run advance together as rows of (seeds × d) arrays. A seed whose state becomes NaN/inf is logged
     as `diverged` (with `diverged_at`) and dropped from the batch; the others go on. Every log of a run carries
     `seed_summary` (utils.seed_summary: diverged fraction, medians of the others) and `run_index` (its position in
@@ -406,21 +406,18 @@ def attach_surface(data, config, outcomes):
 class ThrottledRunLog(utils.RunLog):
     """utils.RunLog that rewrites its file at most every `interval` seconds while the run is running; the first save
     and every save after a status change (finish, divergence, Ctrl-C, error) always happen. Every evaluation is still
-    recorded; only the file rewrite is skipped while the last one is recent (see --log-interval). Also measures the
-    time spent saving (log key timing.log_save_s). On leaving a `with` block, a seed that already diverged or finished
-    keeps its status; a running one is marked completed, interrupted or failed (utils.RunLog)."""
+    recorded; only the file rewrite is skipped while the last one is recent (see --log-interval). On leaving a `with`
+    block, a seed that already diverged or finished keeps its status; a running one is marked completed, interrupted
+    or failed (utils.RunLog)."""
 
     def __init__(self, path, script, config, interval, **extra):
-        self.interval, self.save_seconds, self.last_save = interval, 0.0, -math.inf
+        self.interval, self.last_save = interval, -math.inf
         super().__init__(path, script, config, **extra)
 
     def save(self):
-        if self.data["status"] == "running" and time.monotonic() - self.last_save < self.interval:
-            return
-        tick = time.monotonic()
-        super().save()
-        self.last_save = time.monotonic()
-        self.save_seconds += self.last_save - tick
+        if self.data["status"] != "running" or time.monotonic() - self.last_save >= self.interval:
+            super().save()
+            self.last_save = time.monotonic()
 
     def __exit__(self, exc_type, exc, tb):
         return self.data["status"] == "running" and super().__exit__(exc_type, exc, tb)
@@ -473,7 +470,7 @@ def execute_run(args, config, experiment, run_index, run, data, rank_of, keep_tr
         seconds = time.monotonic() - start
         statuses = ["diverged" if log.data["status"] == "diverged" else "completed" for log in logs]
         summary = utils.seed_summary(seeds, statuses, [log.data["final"] for log in logs])
-        timing = dict(result["timing"], total_s=seconds, log_save_s=sum(log.save_seconds for log in logs))
+        timing = dict(result["timing"], total_s=seconds)
         for row, (log, status) in enumerate(zip(logs, statuses)):
             extra = {} if status == "diverged" else \
                 {"after_training": {"iter": n_iters, **_metrics_row(result["after"], row)}}
@@ -483,17 +480,19 @@ def execute_run(args, config, experiment, run_index, run, data, rank_of, keep_tr
 
 def print_summary(outcomes):
     """End-of-run table: per run the diverged fraction and the medians of the other seeds at the last evaluation."""
-    print(f"\n{'run':<34} {'seeds':>5} {'diverged':>8} {'iter':>7} {'train loss':>11} {'test loss':>11} "
-          f"{'‖β‖₀':>6} {'rank':>5} {'time':>6} {'log I/O':>7}")
+    columns = [("train_loss", "train loss", 11, ".4e"), ("test_loss", "test loss", 11, ".4e"), ("l0", "‖β‖₀", 6, ".0f"),
+               ("rank", "rank", 5, ".0f")]
+    print(f"\n{'run':<34} {'seeds':>5} {'diverged':>8} {'iter':>7} "
+          + " ".join(f"{title:>{width}}" for _, title, width, _ in columns) + f" {'time':>6}")
     for logs, _, seconds in outcomes:
-        summary, timing = logs[0].data["seed_summary"], logs[0].data["timing"]
+        summary = logs[0].data["seed_summary"]
         med = summary["median_final"] or {}
-        cell = lambda key, width, spec: format(med[key], f"{width}{spec}") if key in med else "-".rjust(width)  # noqa
+        cells = " ".join(format(med[key], f"{width}{spec}") if key in med else "-".rjust(width)
+                         for key, _, width, spec in columns)
         diverged = f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
         last = "-" if summary["final_iter"] is None else summary["final_iter"]
-        print(f"{logs[0].data['run']:<34} {len(logs):>5} {diverged:>8} {last:>7} {cell('train_loss', 11, '.4e')} "
-              f"{cell('test_loss', 11, '.4e')} {cell('l0', 6, '.0f')} {cell('rank', 5, '.0f')} "
-              f"{utils.format_seconds(seconds):>6} {timing['log_save_s']:6.2f}s")
+        print(f"{logs[0].data['run']:<34} {len(logs):>5} {diverged:>8} {last:>7} {cells} "
+              f"{utils.format_seconds(seconds):>6}")
     print("(medians over the non-diverged seeds at the last evaluation point, before its update)")
 
 

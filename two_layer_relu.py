@@ -43,6 +43,7 @@ import torch
 import utils
 
 SCRIPT = "two_layer_relu"
+PROGRESS_EVERY_S = 10.0  # progress line period on long runs
 
 # ======================================================================================================================
 # Presets and flags
@@ -349,7 +350,7 @@ def neuron_positions(problem, init_layers, layers):
             "student_w_end": layers[0][0], "student_a_end": layers[-1][0][0]}
 
 
-def train_run(preset, config, run, seed, problem, log, progress, timing):
+def train_run(preset, config, run, seed, problem, log, timing):
     """Batch-size-1 SGD for one run; records every evaluation into `log` and adds the seconds spent in the SGD steps,
     the evaluations and the log writes/progress lines to timing["train_s"/"metrics_s"/"callbacks_s"].
     Returns (status, extra log keys)."""
@@ -363,13 +364,16 @@ def train_run(preset, config, run, seed, problem, log, progress, timing):
                                run["warmup_power"])
     model = torch_model(layers)
     evals = utils.eval_iterations(n_iters, config["eval_points"]).tolist()  # starts at 0: segments cover every step
+    last_progress = time.monotonic()
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected from the losses, not from warnings
         for start, stop in zip(evals, evals[1:] + [n_iters]):
             tick = time.monotonic()
             metrics, finite = evaluate(layers, problem, config, model)
             evaluated = time.monotonic()
             log.record(iter=start, lr=float(lrs[start]), **metrics)
-            progress(start, metrics)
+            if time.monotonic() - last_progress > PROGRESS_EVERY_S:  # only long runs get progress lines
+                last_progress = time.monotonic()
+                print(f"    iter {start}/{n_iters}  {format_metrics(metrics)}", flush=True)
             recorded = time.monotonic()
             timing["metrics_s"] += evaluated - tick
             timing["callbacks_s"] += recorded - evaluated
@@ -404,18 +408,6 @@ def format_metrics(record):
                      if record.get(key) is not None)
 
 
-class Progress:
-    """Prints a line every `every` seconds of a run (only long runs get progress lines)."""
-
-    def __init__(self, n_iters, every=10.0):
-        self.n_iters, self.every, self.last = n_iters, every, time.time()
-
-    def __call__(self, i, metrics):
-        if time.time() - self.last > self.every:
-            self.last = time.time()
-            print(f"    iter {i}/{self.n_iters}  {format_metrics(metrics)}", flush=True)
-
-
 def run_one(args, config, experiment, run_index, run, seed, problem, env):
     """Train one (run, seed) into its own JSON log; returns the finished utils.RunLog."""
     label, slug = utils.toy_run_names(run)
@@ -429,8 +421,7 @@ def run_one(args, config, experiment, run_index, run, seed, problem, env):
     timing = {"train_s": 0.0, "metrics_s": 0.0, "callbacks_s": 0.0}
     with utils.RunLog(path, SCRIPT, log_config, env=env, experiment=experiment, run=label, run_index=run_index,
                       seed=seed) as log:
-        status, extra = train_run(args.preset, config, run, seed, problem, log, Progress(config["iterations"]),
-                                  timing)
+        status, extra = train_run(args.preset, config, run, seed, problem, log, timing)
         log.finish(status, timing=dict(timing, total_s=time.monotonic() - start), **extra)
     final = log.data["final"]
     if status == "diverged":
