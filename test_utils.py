@@ -220,6 +220,97 @@ def test_model_jacobian_matches_autograd_rows():
 # Toy-model helpers: evaluation points, seed summaries, presets
 # ======================================================================================================================
 
+# A preset of the shape both toy scripts use: shared knobs, and per-run knobs with one value per run or one for all.
+TOY_PRESET = {"iterations": 100, "width": 8, "seeds": [0], "lr": [0.1, 0.2, 0.2], "decay": [1.0, 2.0, 4.0],
+              "large_lr_frac": [0.5]}
+TOY_PER_RUN = ("lr", "decay", "large_lr_frac")
+
+
+def test_eval_iterations_by_hand_and_at_the_papers_sizes():
+    # linspace(0, 10, 5) = [0, 2.5, 5, 7.5, 10] -> round half to even [0, 2, 5, 8, 10] -> drop the last
+    assert utils.eval_iterations(10, 5).tolist() == [0, 2, 5, 8]
+    assert utils.eval_iterations(10, 5, dense_prefix=3).tolist() == [0, 1, 2, 5, 8]  # ∪ {0, 1, 2}, 0 once
+    # linspace(0, 3, 5) = [0, .75, 1.5, 2.25, 3] -> [0, 1, 2, 2]: duplicates removed; the prefix stops below N = 3
+    assert utils.eval_iterations(3, 5, dense_prefix=10).tolist() == [0, 1, 2]
+    # linspace(0, 1, 4)[:-1] = [0, 1/3, 2/3] -> [0, 0, 1]: iteration 1 = N does not exist, so it is dropped
+    assert utils.eval_iterations(1, 4).tolist() == [0]
+    # E1: 100 dense points + 249 spread ones, 0 counted once; the authors print their numbers at iteration 99 599
+    e1 = utils.eval_iterations(100001, 250, dense_prefix=100)
+    assert len(e1) == 348 and e1[:100].tolist() == list(range(100)) and e1[-1] == 99599
+    e5 = utils.eval_iterations(14126, 250)  # the ReLU toys have no dense prefix
+    assert len(e5) == 249 and e5[-1] == 14069  # round(14126·248/249)
+
+
+def test_seed_summary_by_hand():
+    finals = [{"iter": 90, "lr": 0.1, "train_loss": 1.0, "rank": 3}, {"iter": 40, "lr": 0.1, "train_loss": None},
+              {"iter": 90, "lr": 0.1, "train_loss": 4.0, "rank": 6}, {"iter": 90, "lr": 0.1, "train_loss": 2.0}]
+    summary = utils.seed_summary([7, 8, 9, 10], ["completed", "diverged", "completed", "completed"], finals)
+    # seed 8 diverged; medians over seeds 7, 9, 10: train median(1, 4, 2) = 2, rank only where logged: median(3, 6)
+    assert summary == {"seeds": [7, 8, 9, 10], "diverged_seeds": [8], "fraction_diverged": 0.25,
+                       "median_final": {"train_loss": 2.0, "rank": 4.5}, "final_iter": 90}
+    none_left = utils.seed_summary([None], ["diverged"], [{"iter": 3, "train_loss": None}])
+    assert none_left["median_final"] is None and none_left["final_iter"] is None and none_left["fraction_diverged"] == 1
+
+
+def test_resolve_preset_broadcasts_one_value_and_takes_one_per_run():
+    config, runs, experiment = utils.resolve_preset("e9", TOY_PRESET, {}, TOY_PER_RUN)
+    assert experiment == "e9" and config == TOY_PRESET
+    assert runs == [{"lr": 0.1, "decay": 1.0, "large_lr_frac": 0.5}, {"lr": 0.2, "decay": 2.0, "large_lr_frac": 0.5},
+                    {"lr": 0.2, "decay": 4.0, "large_lr_frac": 0.5}]
+    # one value overrides the knob of every run, one value per run sets each run; shared knobs override as given
+    config, runs, experiment = utils.resolve_preset("e9", TOY_PRESET, {"lr": [0.3], "large_lr_frac": [0.1, 0.2, 0.3],
+                                                                       "width": 4}, TOY_PER_RUN)
+    assert [(run["lr"], run["decay"], run["large_lr_frac"]) for run in runs] == [(0.3, 1.0, 0.1), (0.3, 2.0, 0.2),
+                                                                                (0.3, 4.0, 0.3)]
+    assert config["width"] == 4 and config["iterations"] == 100 and experiment == "e9_custom"
+
+
+def test_resolve_preset_names_the_experiment_custom_unless_only_neutral_flags_are_given():
+    def experiment(given):
+        return utils.resolve_preset("e9", TOY_PRESET, given, TOY_PER_RUN)[2]
+
+    assert experiment({"seeds": [1, 2], "out_dir": "x", "log_interval": 0.0}) == "e9"  # nothing trained changes
+    assert experiment({"iterations": 100}) == "e9_custom"  # even the preset's own value is an override
+
+
+@pytest.mark.parametrize("given, flag, words", [
+    ({"lr": [0.1, 0.2]}, "--lr", "2 values, but --preset e9 has 3 runs"),
+    ({"n_train": 5}, "--n-train", "not used by --preset e9"),
+    ({"decay": [2.0]}, "--decay", "runs 2 and 3 would be identical"),  # both become η = 0.2, ÷2
+    ({"seeds": [1, 2, 1]}, "--seeds", "repeated seed"),
+])
+def test_resolve_preset_errors_name_the_flag(given, flag, words):
+    with pytest.raises(utils.FlagError) as error:
+        utils.resolve_preset("e9", TOY_PRESET, given, TOY_PER_RUN)
+    assert error.value.flag == flag and words in error.value.message
+    assert isinstance(error.value, ValueError) and str(error.value).startswith(flag)
+
+
+def test_add_preset_flag_lists_every_presets_value_and_is_absent_unless_given():
+    parser = argparse.ArgumentParser()
+    presets = {"e1": {"lr": [0.25, 0.282], "algorithm": ["sgd"]}, "e2": {"lr": [2.0]}}
+    utils.add_preset_flag(parser, presets, "--lr", "η", nargs="+", type=float)
+    utils.add_preset_flag(parser, presets, "--algorithm", "which", nargs="+")
+    assert parser._option_string_actions["--lr"].help == "η [default by preset: e1: 0.25 0.282; e2: 2]"
+    assert parser._option_string_actions["--algorithm"].help == "which [default by preset: e1: sgd]"
+    assert vars(parser.parse_args([])) == {} and vars(parser.parse_args(["--lr", "1"])) == {"lr": [1.0]}
+    assert utils.flag_name("large_lr_frac") == "--large-lr-frac"
+
+
+@pytest.mark.parametrize("run, label, slug", [
+    ({"algorithm": "sgd", "lr": 0.25, "large_lr_frac": 1.0, "decay": 1.0}, "SGD η = 0.25, constant", "sgd_lr0.25"),
+    ({"algorithm": "gd", "lr": 3.53, "large_lr_frac": 0.1, "decay": 4.8}, "GD η = 3.53, ÷4.8 at 10 %",
+     "gd_lr3.53_div4.8_at0.1"),
+    ({"lr": 0.04, "large_lr_frac": 0.3, "decay": 2.5, "warmup_factor": 6.0, "warmup_power": 0.5},
+     "η = 0.04, warmup ×6 (p = 0.5), ÷2.5 at 30 %", "lr0.04_F6_p0.5_div2.5_at0.3"),
+    ({"lr": 2e-4, "large_lr_frac": 0.5, "decay": 1.0, "warmup_factor": 200.0, "warmup_power": 1.0},
+     "η = 0.0002, warmup ×200 (p = 1), no decay after 50 %", "lr0.0002_F200_p1_at0.5"),
+    ({"lr": 0.13, "large_lr_frac": 1.0, "decay": 1.0, "warmup_factor": 1.0, "warmup_power": 1.0},
+     "η = 0.13, constant", "lr0.13"),
+])
+def test_toy_run_names_by_hand(run, label, slug):
+    assert utils.toy_run_names(run) == (label, slug)
+
 # ======================================================================================================================
 # Run logs and command line
 # ======================================================================================================================

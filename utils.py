@@ -338,15 +338,17 @@ def resolve_preset(name, preset, given, per_run):
     return config, runs, experiment
 
 
-def preset_help(presets, key, text):
-    """Help text of a preset knob followed by every preset's value of it (the flag's default depends on --preset)."""
+def add_preset_flag(parser, presets, flag, text, **kwargs):
+    """Add a flag for a preset knob: its help lists every preset's value (the default depends on --preset), and it is
+    absent from the parsed arguments unless given, so that resolve_preset sees exactly the explicit overrides."""
     def shown(value):
         if isinstance(value, list):
             return " ".join(map(shown, value))
         return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
+    key = flag[2:].replace("-", "_")
     values = "; ".join(f"{name}: {shown(preset[key])}" for name, preset in presets.items() if key in preset)
-    return f"{text} [default by preset: {values}]"
+    parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{text} [default by preset: {values}]", **kwargs)
 
 
 def toy_run_names(run):
