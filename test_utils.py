@@ -396,9 +396,9 @@ def test_prepare_out_dir_rejects_unwritable_path(tmp_path, capsys):
 
 def test_a_mistyped_flag_gets_a_suggestion(capsys):
     parser = utils.ArgumentParser(prog="prog")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--large-lr-frac", type=float)
-    for typed, expected in (("--lr_init", "--lr"), ("--large_lr_frac", "--large-lr-frac"),
+    for flag in ("--lr", "--large-lr-frac", "--rank-points", "--eval-points", "--lr-schedule"):
+        parser.add_argument(flag)
+    for typed, expected in (("--lr_init", "--lr"), ("--lr-init=0.1", "--lr"), ("--eval-point", "--eval-points"), ("--large_lr_frac", "--large-lr-frac"),
                             ("--larg-lr-frac", "--large-lr-frac")):
         with pytest.raises(SystemExit):
             parser.parse_args([typed, "1"])

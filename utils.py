@@ -587,14 +587,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def _suggestion(self, unknown):
-        """'; did you mean --lr?' for the first unknown flag that is close to a known one ('' if none is)."""
+        """'; did you mean --lr?' for the first unknown flag that extends a known one (--lr_init, --lr-init -> --lr)
+        or is spelled closely (--larg-lr-frac -> --large-lr-frac); '' if none is."""
         known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
         for word in unknown:
             typed = word.split("=")[0].replace("_", "-")
-            if typed.startswith("-"):
-                close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+            if typed.startswith("--"):
+                extended = [flag for flag in known if typed.startswith(flag + "-")]
+                close = extended or difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
                 if close:
-                    return f"; did you mean {close[0]}?"
+                    return f"; did you mean {max(close, key=len)}?"
         return ""
 
 
