@@ -35,11 +35,9 @@ absolute numbers, sizes, data set, load averages and the environment. Real CIFAR
 else ./data); otherwise the generated synthetic set (recorded either way).
 Targets are reported, never asserted: timings depend on the machine and on whatever else it is running.
 """
-import argparse
 import contextlib
 import datetime
 import io
-import json
 import math
 import os
 import platform
@@ -253,9 +251,10 @@ def bench_data_path(ctx):
         for index in range(steps_per_epoch):
             indices = permutation[index * batch:(index + 1) * batch]
             images = utils.augment_batch(data.train_images[indices], 0, epoch * steps_per_epoch + index)
-            images, labels = utils.images_to_float(images, True), data.train_labels[indices]
+            made = utils.images_to_float(images, True), data.train_labels[indices]
         epochs_done[0] += 1
         sync(device)
+        return made
 
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
     dataset = _PILImages(data.train_images.cpu().permute(0, 2, 3, 1).numpy(), data.train_labels.cpu().numpy(),

@@ -4,12 +4,9 @@ test_utils.py; the tiny on-disk data sets are fixtures in conftest.py.
 
 Run with `make test` (installs into .venv/ first). No network, no GPU, no real data set needed.
 """
-import argparse
 import json
 import math
 import os
-import pickle
-import shutil
 import subprocess
 import sys
 

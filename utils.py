@@ -8,20 +8,20 @@ Contents, in reading order:
   1. Step-size schedules        toy_step_sizes, deep_step_size
   2. Metrics                    feature_sparsity, neuron_subset, BlockActivations, block_feature_sparsity,
                                 jacobian_rank, model_jacobian
-  3. Toy-model helpers          eval_iterations, seed_summary, presets
-  4. Run logs and command line  RunLog, write_json_atomic, run_slug, load_logs, ArgumentParser, usage_error, flag
-                                types, prepare_out_dir, seed_everything, resolve_device, environment_info
+  3. Toy-model helpers          resolve_preset, add_preset_flag, toy_run_names, eval_iterations, seed_summary
+  4. Run logs and command line  RunLog, write_json_atomic, run_slug, load_logs, format_seconds, ArgumentParser,
+                                FlagError, flag_name, usage_error, flag types, prepare_out_dir, seed_everything,
+                                resolve_device, cpu_name, environment_info
   5. Image data                 load_image_dataset, keep_first_train, synthetic_image_dataset, epoch_permutation,
                                 augment_batch, images_to_float
   6. Deep-net building blocks   add_deep_net_arguments, check_deep_net_args, configure_backend, apply_channels_last,
-                                load_data, evaluate_classifier, save_checkpoint, load_checkpoint, StopOnSignal,
-                                RunClock, progress_line
+                                load_data, run_name, schedule_label, evaluate_classifier, save_checkpoint,
+                                load_checkpoint, logged_history, StopOnSignal, RunClock, progress_line
 The definitions follow the paper; the README's "Definitions" section states them in full.
 """
 import argparse
 import contextlib
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -290,19 +290,6 @@ PRESET_RULES = """presets and flags: a preset sets every knob of a paper experim
 runs of the preset. Per-run flags take one value (applied to every run) or one value per run. A flag the preset does
 not use is rejected. Runs with any override other than --seeds, --out-dir, --log-interval are logged as experiment
 '<preset>_custom', so that a quick check never overwrites the paper configuration's logs and figures."""
-
-
-class FlagError(ValueError):
-    """A bad value of one command-line flag. The scripts print it as a one-line usage error naming `flag`."""
-
-    def __init__(self, flag, message):
-        super().__init__(f"{flag}: {message}")
-        self.flag, self.message = flag, message
-
-
-def flag_name(dest):
-    """The command-line flag of an argparse destination, 'large_lr_frac' -> '--large-lr-frac' (to name it in errors)."""
-    return "--" + dest.replace("_", "-")
 
 
 def resolve_preset(name, preset, given, per_run):
@@ -598,6 +585,19 @@ class ArgumentParser(argparse.ArgumentParser):
                 if close:
                     return f"; did you mean {max(close, key=len)}?"
         return ""
+
+
+class FlagError(ValueError):
+    """A bad value of one command-line flag. The scripts print it as a one-line usage error naming `flag`."""
+
+    def __init__(self, flag, message):
+        super().__init__(f"{flag}: {message}")
+        self.flag, self.message = flag, message
+
+
+def flag_name(dest):
+    """The command-line flag of an argparse destination, 'large_lr_frac' -> '--large-lr-frac' (to name it in errors)."""
+    return "--" + dest.replace("_", "-")
 
 
 def usage_error(flag, message):
