@@ -422,19 +422,15 @@ def to_jsonable(value):
     return value
 
 
-def _encode_json(obj):
-    """Strict JSON text of `obj` (after to_jsonable); json.dumps uses the C encoder, json.dump a slow pure-Python one."""
-    return json.dumps(to_jsonable(obj), allow_nan=False, separators=(",", ":"))
-
-
-def _write_text_atomic(path, text):
-    """Write `text` to a temp file in the same folder, then rename it over `path` (atomic within a file system).
+def write_json_atomic(path, obj):
+    """Write `obj` as strict JSON (NaN/inf -> null) to a temp file in the same folder, then rename it over `path`.
 
     A reader, a crash of the run or Ctrl-C only ever sees the old complete file or the new complete file. No fsync:
-    toy runs rewrite their logs hundreds of times a second and an fsync costs 5-10 ms; ext4 and similar file systems
-    flush a file's data before a rename that replaces another file, so even an OS crash leaves a complete version.
+    toy runs rewrite their logs many times a second and an fsync costs 5-10 ms; ext4 and similar file systems flush a
+    file's data before a rename that replaces another file, so even an OS crash leaves a complete version.
     """
-    folder, name = os.path.split(os.path.abspath(path))
+    text = json.dumps(to_jsonable(obj), allow_nan=False, separators=(",", ":"))  # before the temp file: a failed
+    folder, name = os.path.split(os.path.abspath(path))  # encoding leaves nothing behind
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
@@ -446,17 +442,11 @@ def _write_text_atomic(path, text):
         raise
 
 
-def write_json_atomic(path, obj):
-    """Write `obj` as strict JSON (NaN/inf -> null) atomically: temp file + rename (see _write_text_atomic)."""
-    _write_text_atomic(path, _encode_json(obj))
-
-
 class RunLog:
     """One JSON log per run: script, config, env, status, history (one record per evaluation, with `iter`), final.
 
     The file is rewritten atomically after every `record`, so the log on disk is always valid JSON that contains
-    everything measured so far. Each record is encoded once, when it is added, so a save costs little more than the
-    file write even for long histories. Use as a context manager: Ctrl-C marks the run `interrupted`, any other
+    everything measured so far. Use as a context manager: Ctrl-C marks the run `interrupted`, any other
     exception `failed` (with the error message), and both still save the log before the exception propagates.
     Add records with `record` (not by editing `data["history"]`, which is kept for reading).
     """
@@ -467,7 +457,6 @@ class RunLog:
         history = list(history or [])
         self.data = {"script": script, "config": dict(config), "env": env or environment_info(),
                      "status": "running", "history": history, "final": history[-1] if history else None, **extra}
-        self._encoded_history = [_encode_json(record) for record in history]
         self.save()
 
     def record(self, **metrics):
@@ -476,7 +465,6 @@ class RunLog:
             raise ValueError("every history record needs an 'iter' key")
         self.data["history"].append(metrics)
         self.data["final"] = metrics
-        self._encoded_history.append(_encode_json(metrics))
         self.save()
 
     def finish(self, status="completed", **extra):
@@ -488,10 +476,8 @@ class RunLog:
         self.save()
 
     def save(self):
-        """Rewrite the whole log atomically: the other keys, then the pre-encoded history and final record."""
-        rest = _encode_json({k: v for k, v in self.data.items() if k not in ("history", "final")})
-        final = self._encoded_history[-1] if self._encoded_history else "null"
-        _write_text_atomic(self.path, f'{rest[:-1]},"history":[{",".join(self._encoded_history)}],"final":{final}}}')
+        """Rewrite the whole log atomically."""
+        write_json_atomic(self.path, self.data)
 
     def __enter__(self):
         return self
