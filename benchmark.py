@@ -319,6 +319,8 @@ def plain_greedy_sparsity(phi, tau):
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.abs(np.corrcoef(phi[:, alive], rowvar=False).reshape(alive.sum(), alive.sum()))
     corr = np.nan_to_num(corr, nan=0.0)  # a NaN correlation (constant column) never deletes
+    constant = (phi[:, alive] == phi[:1, alive]).all(axis=0)  # nor does corrcoef's rounding noise for a constant
+    corr[constant, :] = corr[:, constant] = 0.0
     np.fill_diagonal(corr, 0.0)
     kept = np.ones(corr.shape[0], dtype=bool)
     for i in range(corr.shape[0]):

@@ -372,6 +372,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         [{k: v for k, v in r.items() if k not in strip} for r in logs[1]["history"]]
 
 
+def test_resume_refuses_a_stop_epoch_the_checkpoint_has_passed(tmp_path):
+    flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "128", "--epochs", "3", "--out-dir", str(tmp_path)]
+    assert run_script(*flags, "--stop-at-epoch", "2").returncode == 0
+    again = run_script(*flags, "--resume", "--stop-at-epoch", "1", timeout=120)
+    assert again.returncode == 2 and "--stop-at-epoch" in again.stderr and again.stderr.count("\n") == 1
+    assert json.load(open(only_log(tmp_path)))["final"]["iter"] == 4  # untouched: 2 epochs of 2 steps
+
+
 def test_resume_accepts_another_eval_batch_size_and_memory_format(tmp_path):
     """Neither changes what is trained (evaluation is read-only; the memory format changes only rounding), and
     apply_channels_last may switch channels_last off on one device and not on another."""
@@ -408,6 +416,8 @@ def test_divergence_is_detected_logged_and_reported(tmp_path):
     log = json.load(open(only_log(tmp_path)))
     assert log["status"] == "diverged"
     assert log["final"]["iter"] < 40 * 4  # stopped early instead of training on NaNs
+    iters = [record["iter"] for record in log["history"]]
+    assert len(iters) == len(set(iters)) and log["final"]["train_loss"] is None
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -83,6 +83,8 @@ def greedy_feature_sparsity(phi, tau):
     alive = phi[:, (phi > 0).any(axis=0)]
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.atleast_2d(np.corrcoef(alive.T)) if alive.shape[1] > 1 else np.ones((1, 1))
+    constant = (alive == alive[:1]).all(axis=0)  # no correlation (corrcoef may return rounding noise instead of NaN)
+    corr[constant, :] = corr[:, constant] = np.nan
     present = list(range(alive.shape[1]))
     for i in range(alive.shape[1]):
         if any(abs(corr[i, j]) > tau for j in present if j != i):  # NaN > τ is False
@@ -153,6 +155,17 @@ def test_feature_sparsity_subsamples_columns_with_seed():
     assert sub == pytest.approx(greedy_feature_sparsity(phi[:, subset], 0.95), rel=1e-12)  # both over the sample
     assert sub[1] <= sub[0]
     assert utils.feature_sparsity(phi, 0.95, max_neurons=1000) == full  # fewer columns than the cap: no subsampling
+
+
+def test_feature_sparsity_never_deletes_constant_columns():
+    # float64 constants whose rounded mean differs from their entries: centring leaves rounding noise, which must not
+    # make them "correlate" perfectly with one another
+    rng = np.random.default_rng(3)
+    phi = np.concatenate([np.maximum(rng.normal(size=(1000, 5)), 0), np.full((1000, 3), [0.3, 0.7, 0.1])], axis=1)
+    assert (0.3 * np.ones(1000)).mean() != 0.3  # the case this test is about
+    density = (phi > 0).mean()
+    assert utils.feature_sparsity(phi, 0.95) == pytest.approx((density, density), abs=1e-15)
+    assert utils.feature_sparsity(phi.astype(np.float32), 0.95) == pytest.approx((density, density), abs=1e-15)
 
 
 def test_feature_sparsity_flattens_conv_activations():
@@ -680,7 +693,11 @@ def test_run_clock_images_per_sec_excludes_evaluation_time_also_during_an_evalua
     now[0] += 2.0
     clock.add_step(512)
     assert clock.images_per_sec() == 256.0 and clock.elapsed() == 17.0 and clock.eval_seconds == 3.0
-    assert clock.remaining_seconds(steps_left=10, evals_left=2) == 10 * 2.0 + 2 * 3.0  # 2 s per step, 3 s per eval
+    # 2 s per step, 3 s per evaluation: from step 90 to 100, evaluating every 5 steps: 10 steps and 2 evaluations
+    assert clock.remaining_seconds(step=90, stop_step=100, total_steps=100, eval_every=5) == 10 * 2.0 + 2 * 3.0
+    # every 4th step and the last one (10): 4, 8, 10; stopping early (--stop-at-epoch) skips the last one
+    assert clock.remaining_seconds(step=0, stop_step=10, total_steps=10, eval_every=4) == 10 * 2.0 + 3 * 3.0
+    assert clock.remaining_seconds(step=0, stop_step=6, total_steps=10, eval_every=4) == 6 * 2.0 + 1 * 3.0
 
 
 def test_evaluate_classifier_reports_losses_errors_and_three_densities_per_block():

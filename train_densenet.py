@@ -190,6 +190,9 @@ def main(argv=None):
         step, window_loss, window_steps = state["step"], state["window_loss"], state["window_steps"]
         elapsed_before, history = state["elapsed"], utils.logged_history(log_path, state["step"])
         print(f"resuming {log_path} at iteration {step} (epoch {step / steps_per_epoch:.2f})")
+        if stop_step <= step < total_steps:
+            utils.usage_error("--stop-at-epoch", f"the checkpoint is at epoch {step / steps_per_epoch:.2f} already; "
+                                                 "give a later epoch, or none to train to the end")
     config = {key: value for key, value in vars(args).items() if key != "resume"}
     config.update(n_train=n_train, n_test=len(data.test_labels), num_classes=data.num_classes,
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision_used=precision,
@@ -217,10 +220,12 @@ def main(argv=None):
                               window_loss=window_loss.item(), window_steps=window_steps, elapsed=clock.elapsed(),
                               args=vars(args), torch_rng=torch.get_rng_state())
 
-    def diverged(loss, lr):  # large step sizes do diverge: keep everything up to here, say so, stop
-        log.record(iter=step, epoch=step / steps_per_epoch, lr=lr, train_loss_batches=float(loss), train_loss=None)
+    def diverged(loss, logged=False):  # large step sizes do diverge: keep everything up to here, say so, stop
+        if not logged:  # a record without `lr`: no step was taken at this iteration
+            log.record(iter=step, epoch=step / steps_per_epoch, train_loss_batches=float(loss), train_loss=None)
         print(f"DIVERGED at iteration {step} (epoch {step / steps_per_epoch:.2f}): training loss is {float(loss)}; "
-              f"the step size ({lr:.4g} at that point) is too large for this setting. Log: {log_path}")
+              f"the step size ({optimizer.param_groups[0]['lr']:.4g} at the last update) is too large for this "
+              f"setting. Log: {log_path}")
         return "diverged"
 
     with log, utils.StopOnSignal() as stop:
@@ -231,7 +236,7 @@ def main(argv=None):
             # evaluate before the update of every --eval-every-th step, and at the end
             if (step % args.eval_every == 0 or step == total_steps) and step > last_logged:
                 if not torch.isfinite(window_loss):
-                    status = diverged(window_loss / window_steps, lr)
+                    status = diverged(window_loss / window_steps)
                     break
                 with clock.evaluating():
                     record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr,
@@ -242,13 +247,12 @@ def main(argv=None):
                     window_loss, window_steps = torch.zeros((), device=device), 0
                     if step > 0:
                         checkpoint()
-                evals_left = total_steps // args.eval_every - step // args.eval_every
-                print(utils.progress_line(log.data["final"], total_steps, list(blocks)[-1], clock,
-                                          clock.remaining_seconds(total_steps - step, evals_left)), flush=True)
+                eta = clock.remaining_seconds(step, stop_step, total_steps, args.eval_every)
+                print(utils.progress_line(log.data["final"], total_steps, list(blocks)[-1], clock, eta), flush=True)
                 if not math.isfinite(record["train_loss"]):
-                    status = diverged(record["train_loss"], lr)
+                    status = diverged(record["train_loss"], logged=True)
                     break
-            if step == stop_step or stop.requested:
+            if step >= stop_step or stop.requested:
                 break
 
             # one SGD step on a slice of this epoch's seeded permutation
@@ -272,12 +276,11 @@ def main(argv=None):
             step += 1
             clock.add_step(len(batch))
             if step % utils.DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(window_loss):
-                status = diverged(window_loss / window_steps, lr)
+                status = diverged(window_loss / window_steps)
                 break
             if step == first_step + min(10, stop_step - first_step):  # early, once the first steps are timed
-                evals_left = stop_step // args.eval_every - step // args.eval_every
-                print(f"projected wall time for this run: "
-                      f"{utils.format_seconds(clock.elapsed() + clock.remaining_seconds(stop_step - step, evals_left))} "
+                eta = clock.remaining_seconds(step, stop_step, total_steps, args.eval_every)
+                print(f"projected wall time for this run: {utils.format_seconds(clock.elapsed() + eta)} "
                       f"({clock.images_per_sec():.0f} training images/s, evaluation every {args.eval_every} "
                       "iterations)", flush=True)
 

@@ -118,7 +118,7 @@ def feature_sparsity(phi, tau=0.95, max_neurons=None, seed=0):
     phi = phi.reshape(phi.shape[0], -1)
     subset = neuron_subset(phi.shape[1], max_neurons, seed)
     if subset is not None:
-            phi = phi[:, subset.to(phi.device)]
+        phi = phi[:, subset.to(phi.device)]
     positives = torch.count_nonzero(phi > 0, dim=0)  # per neuron
     alive = positives > 0
     x = phi if alive.all() else phi[:, alive]
@@ -126,11 +126,14 @@ def feature_sparsity(phi, tau=0.95, max_neurons=None, seed=0):
     gamma = x.shape[0] * 2.0 ** -24 / (1 - x.shape[0] * 2.0 ** -24)  # float32 dot products of length N: ≤ γ_N·‖a‖‖b‖
     duplicate = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     for start in range(0, x.shape[1], 512):  # the upper triangle, one block of 512 rows at a time
-        block = _exact_matmul(z[:, start:start + 512].T, z[:, start:]).abs_()
-        # |float32 correlation − exact| ≤ slack: the pairs that may exceed τ are decided from float64 columns
-        slack = (1 + gamma) * (1 + error[start:start + 512, None]) * (1 + error[None, start:]) - 1
-        rows, cols = torch.nonzero((block > tau - slack).triu_(diagonal=1), as_tuple=True)
-        for i, j in zip((start + rows).split(1024), (start + cols).split(1024)):
+        rows = slice(start, start + 512)
+        block = _exact_matmul(z[:, rows].T, z[:, start:]).abs_()
+        # |float32 correlation − exact| ≤ slack: above τ + slack is certain; within ±slack of τ, float64 decides
+        slack = (1 + gamma) * (1 + error[rows, None]) * (1 + error[None, start:]) - 1
+        duplicate[rows] = (block > tau + slack).triu_(diagonal=1).any(dim=1)
+        unsure = (block > tau - slack).triu_(diagonal=1) & ~duplicate[rows, None]
+        i, j = torch.nonzero(unsure, as_tuple=True)
+        for i, j in zip((start + i).split(1024), (start + j).split(1024)):
             exact = (_standardized_columns(x[:, i]) * _standardized_columns(x[:, j])).sum(dim=0).abs()
             duplicate[i[exact > tau]] = True
     return positives.sum().item() / phi.numel(), positives[alive][~duplicate].sum().item() / phi.numel()
@@ -138,8 +141,10 @@ def feature_sparsity(phi, tau=0.95, max_neurons=None, seed=0):
 
 def _standardized_columns(x):
     """Columns centred and scaled to unit norm in float64, so that Pearson correlations are their dot products.
-    Constant columns (zero variance) become zero columns: correlation 0 with everything, never a duplicate."""
+    Constant columns become zero columns: correlation 0 with everything, never a duplicate. They are found exactly
+    (all entries equal), as the rounded mean of a constant column need not equal its entries."""
     centred = x.double() - x.double().mean(dim=0)
+    centred[:, (x == x[:1]).all(dim=0)] = 0
     norms = centred.norm(dim=0)
     return centred / torch.where(norms > 0, norms, 1.0)
 
@@ -987,7 +992,8 @@ def images_to_float(images, channels_last=False):
 DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks: one host sync each, never one per step
 # flags that may differ between the parts of a resumed run: evaluation never changes the training trajectory, and the
 # memory format only its rounding (apply_channels_last may also switch channels_last off on one device, not another)
-RESUME_MAY_CHANGE = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last"}
+# (and where the data lives, or whether it may be downloaded)
+RESUME_MAY_CHANGE = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last", "data_dir", "download"}
 
 
 def add_deep_net_arguments(parser, script, lr, warmup_exp):
@@ -1264,15 +1270,20 @@ class RunClock:
         seconds = self.train_seconds + (0.0 if self.in_evaluation else time.perf_counter() - self.window_start)
         return self.images / seconds if self.images and seconds > 0 else None
 
-    def remaining_seconds(self, steps_left, evals_left):
+    def remaining_seconds(self, step, stop_step, total_steps, eval_every):
+        """Estimated seconds from `step` to `stop_step`: the training steps at the speed so far, and the evaluations
+        still to come (every eval_every-th step, and the last step of the run), at their mean duration so far."""
         per_step = self.images / self.steps / self.images_per_sec() if self.steps else 0.0
         per_eval = self.eval_seconds / self.evals if self.evals else 0.0
-        return steps_left * per_step + evals_left * per_eval
+        evals_left = stop_step // eval_every - step // eval_every
+        if stop_step == total_steps and total_steps % eval_every:
+            evals_left += 1
+        return (stop_step - step) * per_step + evals_left * per_eval
 
 
 def progress_line(record, total_steps, block, clock, eta_seconds):
     """One line per evaluation: iteration, epoch, step size, losses and errors, the last block's densities, speed."""
-    eta = f", ETA {format_seconds(eta_seconds)}" if record["iter"] < total_steps else ""
+    eta = f", ETA {format_seconds(eta_seconds)}" if clock.steps and record["iter"] < total_steps else ""
     return (f"iter {record['iter']:>6}/{total_steps} ep {record['epoch']:6.2f} | lr {record['lr']:.4g} | train loss "
             f"{record['train_loss']:.4f} err {100 * record['train_error']:5.2f}% | test err "
             f"{100 * record['test_error']:5.2f}% | {block} density {100 * record[f'density_{block}']:.1f}% dedup "
