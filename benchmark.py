@@ -430,10 +430,10 @@ def bench_eval_overhead(ctx):
 
 
 def diag_net_seconds(seeds, iterations, out_dir):
-    """Wall time of diag_net.main for these seeds (its default, preset e1: four runs), in a fresh process set up as
-    the script sets itself up (one torch thread); the interpreter start-up is not counted."""
-    code = ("import sys, time, torch, diag_net; torch.set_num_threads(1); start = time.perf_counter(); "
-            "diag_net.main(sys.argv[1:]); print('SECONDS', time.perf_counter() - start)")
+    """Wall time of diag_net.main for these seeds (its default, preset e1: four runs), in a fresh process; the
+    interpreter start-up is not counted."""
+    code = ("import sys, time, diag_net; start = time.perf_counter(); diag_net.main(sys.argv[1:]); "
+            "print('SECONDS', time.perf_counter() - start)")
     argv = ["--seeds", *map(str, seeds), "--iterations", str(iterations), "--out-dir", out_dir]
     out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, check=True)
     return float(out.stdout.rsplit("SECONDS", 1)[1])
@@ -555,7 +555,7 @@ def build_parser():
                         help="folder holding cifar-10-batches-py/ (default: ./data; the synthetic set if it has "
                              "none)")
     parser.add_argument("--repeats", type=utils.positive_int, default=None,
-                        help="timed repeats per item (default: 5, or 2 with --quick)")
+                        help="timed repeats per item (default: 3, or 1 with --quick)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto = CUDA if available, else MPS, else CPU")
     return parser

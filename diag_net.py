@@ -499,6 +499,9 @@ def print_summary(outcomes):
 def main(argv=None):
     args, config, runs, experiment = parse_args(argv)
     utils.prepare_out_dir(args.out_dir)
+    # One torch thread: on a 2-core machine shared with other jobs, torch's threads spin-wait on the small SVDs of the
+    # rank (measured: --seeds 1..16 of e1 ran 19 s on one thread, killed after 344 s on the default two).
+    torch.set_num_threads(1)
     data = make_data(config["n_train"], config["input_dim"], config["support_size"], config["n_test"],
                      config["data_seed"])
     rank_of = JacobianRank(data["X_test"][:2 * config["input_dim"]])
@@ -514,9 +517,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # One torch thread: on a 2-core machine shared with other jobs, torch's threads spin-wait on the small SVDs of the
-    # rank (measured: --seeds 1..16 of e1 ran 19 s on one thread, killed after 344 s on the default two).
-    torch.set_num_threads(1)
     try:
         main()
     except KeyboardInterrupt:  # RunLog has marked the running logs `interrupted`; no traceback for a Ctrl-C

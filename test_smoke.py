@@ -461,8 +461,8 @@ import two_layer_relu as relu_toy  # noqa: E402  (imported here so this section 
 
 @pytest.fixture
 def one_torch_thread():
-    """torch on one thread, as the toy scripts set it on their command-line path (their main() leaves threads alone):
-    on a shared 2-core machine torch's default threads spin-wait on the small SVDs, many times slower."""
+    """The toy scripts' main() sets torch to one thread (their small SVDs run many times slower on shared cores with
+    more); tests that call main() in this process restore the thread count afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

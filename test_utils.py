@@ -420,6 +420,9 @@ def test_a_mistyped_flag_gets_a_suggestion(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--zzz"])
     assert "did you mean" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an old name gets its new one, not the closest spelling (--decay)
+        parser.parse_args(["--decay-frac", "0.5"])
+    assert "--decay-frac is now --large-lr-frac" in capsys.readouterr().err
 
 
 # ======================================================================================================================

@@ -464,6 +464,9 @@ def print_summary(experiment, logs_by_seed, summaries, seconds):
 def main(argv=None):
     args, config, runs, experiment = parse_args(argv)
     utils.prepare_out_dir(args.out_dir)
+    # One torch thread: on a 2-core machine shared with other jobs, torch's threads spin-wait on the small SVDs and
+    # Jacobians of the evaluations (measured: --preset e4 ran 9 s on one thread, 198 s on the default two).
+    torch.set_num_threads(1)
     problem = make_problem(args.preset, config)
     env = utils.environment_info("cpu")
     print(f"{experiment}: {len(runs)} run(s) × {len(config['seeds'])} seed(s), N = {config['iterations']} "
@@ -477,9 +480,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # One torch thread: on a 2-core machine shared with other jobs, torch's threads spin-wait on the small SVDs and
-    # Jacobians of the evaluations (measured: --preset e4 ran 9 s on one thread, 198 s on the default two).
-    torch.set_num_threads(1)
     try:
         main()
     except KeyboardInterrupt:  # RunLog has marked the running log `interrupted`; no traceback for a Ctrl-C

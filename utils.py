@@ -549,6 +549,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# Flags of earlier versions of the kit -> their names now (one name per concept across the scripts)
+RENAMED_FLAGS = {"--decay-frac": "--large-lr-frac", "--d": "--input-dim", "--r": "--support-size", "--out": "--out-dir",
+                 "--n": "--n-train", "--decay-factor": "--decay", "--n-evals": "--eval-points"}
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (`prog: error: argument --lr: ... (see --help)`, exit code 2) and a suggestion
     for a mistyped flag (`--lr_init` -> "did you mean --lr?"). The stock parser prints the whole usage block first; a
@@ -570,6 +575,8 @@ class ArgumentParser(argparse.ArgumentParser):
         known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
         for word in unknown:
             typed = word.split("=")[0].replace("_", "-")
+            if RENAMED_FLAGS.get(typed) in known:
+                return f"; {typed} is now {RENAMED_FLAGS[typed]}"
             if typed.startswith("--"):
                 extended = [flag for flag in known if typed.startswith(flag + "-")]
                 close = extended or difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
