@@ -218,7 +218,8 @@ def draw_relu_toy(experiment, logs, out_dir):
 def _neuron_panel(ax, neurons):
     """Teacher directions as arrows from the origin (green a* > 0, red a* < 0); student first-layer neurons at init
     (grey) moving to their end position (colour = sign of the output weight, size ∝ |a_j|)."""
-    ax.add_patch(matplotlib.patches.Circle((0, 0), 1, fill=False, linestyle=":", color="0.5"))  # the inputs lie on this circle
+    # the inputs lie on the unit circle
+    ax.add_patch(matplotlib.patches.Circle((0, 0), 1, fill=False, linestyle=":", color="0.5"))
     for w, a in zip(np.array(neurons["teacher_w"]), neurons["teacher_a"]):
         ax.annotate("", xy=w, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color="C2" if a > 0 else "C3", lw=2))
     start, end = np.array(neurons["student_w_init"]), np.array(neurons["student_w_end"])

@@ -189,7 +189,7 @@ def test_densenet_bc_100_forward_on_tiny_imagenet_size(densenet_bc_100):
     assert densenet_bc_100.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 10)
 
 
-def test_resnet18_sparsity_blocks_have_spec_shapes_and_are_post_relu(resnet18_w64):
+def test_resnet18_sparsity_blocks_have_the_papers_shapes_and_are_post_relu(resnet18_w64):
     torch.manual_seed(0)
     model = resnet18_w64.train()  # batch statistics: about half of every block's entries are zero
     blocks = hooked_block_outputs(model, torch.rand(4, 3, 32, 32))
@@ -253,7 +253,8 @@ def test_densenet_bottleneck_layer_is_pre_activation_and_concatenates():
 
 @pytest.mark.parametrize("model_name", ["resnet", "densenet"])
 def test_deep_model_initialisation_statistics(model_name, resnet18_w64, densenet_bc_100):
-    """The authors' init: BN weight 1 / bias 0, linear bias 0, conv std sqrt(2 / fan_out) (checked where fan_in differs)."""
+    """The authors' init: BN weight 1 / bias 0, linear bias 0, conv std sqrt(2 / fan_out) (checked where fan_in
+    differs)."""
     model = resnet18_w64 if model_name == "resnet" else densenet_bc_100
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all((bn.weight == 1).all() and (bn.bias == 0).all() for bn in bns)

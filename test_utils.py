@@ -51,7 +51,8 @@ def test_deep_step_size_exponential_warmup_peaks(frac, peak):
     assert top / lr == pytest.approx(peak, abs=5e-4)
     just_before = utils.deep_step_size(frac * epochs - 1e-9, epochs, lr, warmup_exp=1.05, large_lr_frac=frac)
     assert just_before == pytest.approx(top, rel=1e-9)
-    assert utils.deep_step_size(frac * epochs, epochs, lr, warmup_exp=1.05, large_lr_frac=frac) == pytest.approx(top / 10)
+    after = utils.deep_step_size(frac * epochs, epochs, lr, warmup_exp=1.05, large_lr_frac=frac)
+    assert after == pytest.approx(top / 10)
     assert utils.deep_step_size(90.0, epochs, lr, warmup_exp=1.05, large_lr_frac=frac) == pytest.approx(top / 100)
 
 
@@ -411,7 +412,8 @@ def test_a_mistyped_flag_gets_a_suggestion(capsys):
     parser = utils.ArgumentParser(prog="prog")
     for flag in ("--lr", "--large-lr-frac", "--rank-points", "--eval-points", "--lr-schedule"):
         parser.add_argument(flag)
-    for typed, expected in (("--lr_init", "--lr"), ("--lr-init=0.1", "--lr"), ("--eval-point", "--eval-points"), ("--large_lr_frac", "--large-lr-frac"),
+    for typed, expected in (("--lr_init", "--lr"), ("--lr-init=0.1", "--lr"), ("--eval-point", "--eval-points"),
+                            ("--large_lr_frac", "--large-lr-frac"),
                             ("--larg-lr-frac", "--large-lr-frac")):
         with pytest.raises(SystemExit):
             parser.parse_args([typed, "1"])

@@ -67,8 +67,8 @@ def _transition(in_channels, out_channels):
 
 
 class DenseNetBC(nn.Module):
-    """DenseNet-BC (Huang et al. 2017) for 32×32 inputs, as in the paper's DenseNet table: 3×3 stem conv to 2k channels, three
-    dense stages of (depth − 4) / 6 bottleneck layers with growth rate k, compressing transitions between them, final
+    """DenseNet-BC (Huang et al. 2017) for 32×32 inputs, as in the paper's DenseNet table: 3×3 stem conv to 2k
+    channels, three dense stages of (depth − 4) / 6 bottleneck layers with growth rate k, compressing transitions between them, final
     BN-ReLU, global average pool (adaptive, so 64×64 Tiny ImageNet inputs work too), linear head.
 
     depth 100, k = 12, compression 0.5 (the paper's DenseNet-100-12) has 769 162 parameters for 10 classes (the
@@ -77,7 +77,8 @@ class DenseNetBC(nn.Module):
     """
 
     # The blocks whose feature sparsity is measured: the outputs of the three dense stages (after their BN-ReLU) and
-    # the pooled penultimate features. A pre-activation dense stage ends with a concatenation, not a ReLU, so the post-ReLU view
+    # the pooled penultimate features. A pre-activation dense stage ends with a concatenation, not a ReLU, so the
+    # post-ReLU view
     # of stage s is the BN-ReLU that the next module applies to it: the transition's BN-ReLU for stages 1-2, the final
     # BN-ReLU for stage 3. Block 4 = global-average-pooled features. Log name -> submodule whose OUTPUT is hooked.
     SPARSITY_BLOCKS = {"block1": "transition1.norm_act", "block2": "transition2.norm_act", "block3": "final_norm_act",

@@ -73,7 +73,8 @@ class ResNet18(nn.Module):
     The pool is adaptive, so 64×64 inputs (Tiny ImageNet) work too. At w = 64 and 10 classes: 11 173 962 parameters.
     """
 
-    # The blocks whose feature sparsity is measured: log name -> submodule path whose forward OUTPUT is the activation (attach
+    # The blocks whose feature sparsity is measured: log name -> submodule path whose forward OUTPUT is the activation
+    # (attach
     # forward hooks via model.get_submodule(path)). Blocks 1-4 = output of residual stage k (post-ReLU of its last
     # BasicBlock; 64·32·32, 128·16·16, 256·8·8, 512·4·4 at w = 64 on 32×32 inputs); block 5 = pooled features (8w).
     SPARSITY_BLOCKS = {"block1": "layer1", "block2": "layer2", "block3": "layer3", "block4": "layer4",
@@ -98,7 +99,8 @@ class ResNet18(nn.Module):
         self._initialise()
 
     def _initialise(self):
-        """the authors' CIFAR ResNet-18: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0, linear bias 0 (weight: torch default)."""
+        """As in the authors' model: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0, linear bias 0 (weight:
+        torch default)."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

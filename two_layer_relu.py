@@ -95,7 +95,8 @@ def build_parser():
     knob("--n-test", "test points", type=utils.positive_int)
     knob("--teacher-width", "teacher neurons per hidden layer", type=utils.positive_int)
     knob("--width", "m: student neurons per hidden layer", type=utils.positive_int)
-    knob("--init-scale", "hidden-layer weights: N(0,1) times this (e4: |w_j|, random sign)", type=utils.nonnegative_float)
+    knob("--init-scale", "hidden-layer weights: N(0,1) times this (e4: |w_j|, random sign)",
+         type=utils.nonnegative_float)
     knob("--init-scale-out", "output weights: N(0,1) times this", type=utils.nonnegative_float)
     knob("--init-scale-bias", "first-layer biases: N(0,1) times this", type=utils.nonnegative_float)
     knob("--tau", "τ: correlation threshold of the feature-sparsity de-duplication", type=utils.fraction)
@@ -473,8 +474,8 @@ def main(argv=None):
           f"iterations, logs in {args.out_dir}", flush=True)
     started = time.monotonic()
     # seeds outer, runs inner: all runs of one seed share its init and SGD order (module docstring)
-    logs_by_seed = [[run_one(args, config, experiment, index, run, seed, problem, env) for index, run in enumerate(runs)]
-                    for seed in config["seeds"]]
+    logs_by_seed = [[run_one(args, config, experiment, index, run, seed, problem, env)
+                     for index, run in enumerate(runs)] for seed in config["seeds"]]
     summaries = [attach_seed_summary(list(run_logs)) for run_logs in zip(*logs_by_seed)]
     print_summary(experiment, logs_by_seed, summaries, time.monotonic() - started)
 
