@@ -431,7 +431,6 @@ def test_divergence_is_detected_logged_and_reported(tmp_path):
     (["--n-train", "0"], "--n-train"),
     (["--n-train", "3000"], "--n-train"),  # the synthetic set has 2 560 training images
     (["--out-dir", "/proc/forbidden"], "--out-dir"),
-    (["--lr_init", "0.1"], "did you mean --lr?"),
 ])
 def test_deep_net_bad_input_is_one_line_exit_2(args, flag, tmp_path):
     out = [] if "--out-dir" in args else ["--out-dir", str(tmp_path)]
@@ -963,6 +962,11 @@ def test_diag_net_bad_input_from_the_command_line(tmp_path):
     result = run_script("diag_net.py", "--out-dir", str(blocker / "sub"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--out-dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ======================================================================================================================
+# plots.py, Ctrl-C of the toy scripts, the README's snippet
+# ======================================================================================================================
 
 
 def test_plots_runs_by_label_follows_run_index_and_keeps_file_order_without_it():

@@ -505,11 +505,6 @@ def test_missing_data_raises_saying_where_and_how_to_get_it(name, folder, tmp_pa
     assert "--download" in str(error.value) and os.path.join(str(tmp_path), folder) in str(error.value)
 
 
-def test_a_data_dir_inside_the_data_set_folder_gets_a_hint_to_point_at_its_parent(fake_cifar10_dir):
-    with pytest.raises(FileNotFoundError, match="point the data directory at its parent"):
-        utils.load_image_dataset("cifar10", os.path.join(fake_cifar10_dir, "cifar-10-batches-py"))
-
-
 def test_failed_download_raises_a_download_error(tmp_path, monkeypatch):
     import urllib.error
 
