@@ -8,6 +8,7 @@ the same run (same `run` label) are drawn as the median with a min–max band. F
 comes from the JSON. No LaTeX needed (matplotlib's mathtext only).
 """
 import collections
+import json
 import os
 
 import matplotlib.colors
@@ -21,6 +22,24 @@ import utils
 # ======================================================================================================================
 # Shared helpers
 # ======================================================================================================================
+
+
+def load_logs(folder):
+    """All run logs (*.json, recursively) under `folder`, each with its file path under the key `_path`."""
+    logs = []
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".json") and not name.startswith("."):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    try:
+                        log = json.load(f)
+                    except json.JSONDecodeError:
+                        continue
+                if isinstance(log, dict) and "history" in log and "script" in log:
+                    log["_path"] = path
+                    logs.append(log)
+    return logs
 
 
 def runs_by_label(logs):
@@ -363,7 +382,7 @@ def main(argv=None):
         if not os.path.isdir(folder):
             utils.usage_error("--logs", f"{folder!r} is not a folder; pass the --out-dir of your runs")
     utils.prepare_out_dir(args.out_dir)
-    logs = [log for folder in args.logs for log in utils.load_logs(folder)]
+    logs = [log for folder in args.logs for log in load_logs(folder)]
     if not logs:
         utils.usage_error("--logs", f"no run logs found under {' '.join(args.logs)}; run an experiment first")
     experiments = collections.OrderedDict()

@@ -9,7 +9,7 @@ Contents, in reading order:
   2. Metrics                    feature_sparsity, neuron_subset, BlockActivations, block_feature_sparsity,
                                 jacobian_rank, model_jacobian
   3. Toy-model helpers          resolve_preset, add_preset_flag, toy_run_names, eval_iterations, seed_summary
-  4. Run logs and command line  RunLog, write_json_atomic, run_slug, load_logs, format_seconds, ArgumentParser,
+  4. Run logs and command line  RunLog, write_json_atomic, run_slug, format_seconds, ArgumentParser,
                                 FlagError, flag_name, usage_error, flag types, prepare_out_dir, seed_everything,
                                 resolve_device, cpu_name, environment_info
   5. Image data                 load_image_dataset, keep_first_train, synthetic_image_dataset, epoch_permutation,
@@ -510,24 +510,6 @@ def run_slug(**parts):
         pieces.append(key if value is True else f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}")
     slug = "_".join(pieces) or "run"
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in slug)
-
-
-def load_logs(folder):
-    """All run logs (*.json, recursively) under `folder`, each with its file path under the key `_path`."""
-    logs = []
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            if name.endswith(".json") and not name.startswith("."):
-                path = os.path.join(root, name)
-                with open(path) as f:
-                    try:
-                        log = json.load(f)
-                    except json.JSONDecodeError:
-                        continue
-                if isinstance(log, dict) and "history" in log and "script" in log:
-                    log["_path"] = path
-                    logs.append(log)
-    return logs
 
 
 def format_seconds(seconds):
