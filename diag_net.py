@@ -114,7 +114,7 @@ def parse_args(argv=None):
     return args, config, runs, experiment
 
 # ======================================================================================================================
-# Data
+# Data, and the SGD and GD steps vectorised over seeds (state arrays are seeds × d)
 # ======================================================================================================================
 
 
@@ -138,18 +138,12 @@ def sgd_indices(seeds, n, n_iters):
     """(seeds × N) sample indices: row k = RandomState(seed_k).randint(n, size=N)."""
     return np.stack([np.random.RandomState(seed).randint(n, size=n_iters) for seed in seeds])
 
-# ======================================================================================================================
-# Model: SGD and GD steps, vectorised over seeds (state arrays are seeds × d)
-# ======================================================================================================================
-
 
 def sgd_steps(u, v, xs, ys, lrs, states=None):
-    """Batch-1 SGD steps for every seed at once: e = x_iᵀ(u⊙v) − y_i, u −= η·e·(x_i⊙v), v −= η·e·(x_i⊙u).
-
-    xs: (seeds × L × d) the sampled rows, ys: (seeds × L) their targets, lrs: (L,) step sizes. Returns the new u, v and
-    the (seeds × L) residuals, used to date a divergence. `states` (seeds × L × 2d), if given, receives (u, v) before
-    each step. The tuple assignment makes the update simultaneous (both use the old u and v).
-    """
+    """Batch-1 SGD steps for every seed at once (the update of the module docstring; the tuple assignment makes it
+    simultaneous). xs: (seeds × L × d) the sampled rows, ys: (seeds × L) their targets, lrs: (L,) step sizes. Returns
+    the new u, v and the (seeds × L) residuals, used to date a divergence. `states` (seeds × L × 2d), if given,
+    receives (u, v) before each step."""
     residuals = np.empty(ys.shape)
     d = u.shape[1]
     for j, lr in enumerate(lrs):
@@ -180,7 +174,7 @@ def gd_steps(u, v, x, y, lrs, states=None):
     return u, v, residuals
 
 # ======================================================================================================================
-# Metrics
+# Metrics, and the training loop of one run (all its seeds at once)
 # ======================================================================================================================
 
 
@@ -246,10 +240,6 @@ def evaluate(data, u, v, rank_of):
         "balancedness": np.linalg.norm(np.abs(u) - np.abs(v), axis=1),
     }
 
-# ======================================================================================================================
-# Training loop: one run, all its seeds at once
-# ======================================================================================================================
-
 
 def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None, on_diverge=None,
           keep_trajectory=False):
@@ -270,7 +260,6 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
     diverged_at = np.full(batch, -1)
     trajectory = np.full((batch, n_iters + 1, 2 * d), np.nan) if keep_trajectory else None
     timing = {"train_s": 0.0, "metrics_s": 0.0, "callbacks_s": 0.0}
-    bounds = list(evals) + [n_iters]
     last_progress = time.monotonic()
 
     def drop(bad, when):
@@ -284,7 +273,7 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
 
     # Overflow in a diverging row must not spam warnings; such rows are detected and dropped below.
     with np.errstate(over="ignore", invalid="ignore"):
-        for k, t0 in enumerate(evals):
+        for t0, t1 in zip(evals, [*evals[1:], n_iters]):
             if not len(alive):
                 break
             tick = time.monotonic()
@@ -299,7 +288,6 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
                 on_eval(int(t0), alive, metrics)
             timing["callbacks_s"] += time.monotonic() - tick
             tick = time.monotonic()
-            t1 = bounds[k + 1]
             states = np.empty((len(alive), t1 - t0, 2 * d)) if keep_trajectory else None
             if algorithm == "sgd":
                 chunk = indices[alive, t0:t1]
@@ -332,56 +320,39 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
 # ======================================================================================================================
 
 
-def surface_plane(w_init, w_flow, w_star):
-    """Orthonormal e1, e2: e1 ∥ w* − w_init, e2 = the part of w_flow − w_init orthogonal to e1.
-
-    Returns None when w_flow − w_init is (numerically) parallel to e1, as then no plane is defined.
-    """
-    e1 = (w_star - w_init) / np.linalg.norm(w_star - w_init)
-    flow = w_flow - w_init
-    flow = flow - (flow @ e1) * e1
-    if np.linalg.norm(flow) < 1e-12:
-        return None
-    return np.stack([e1, flow / np.linalg.norm(flow)])
-
-
-def loss_surface(data, w_init, plane):
-    """Train and test loss on the grid w = w_init + a·e1 + b·e2, a, b ∈ SURFACE_RANGE, SURFACE_POINTS per axis.
-
-    Stored with rows indexed by b and columns by a (loss[i][j] at a = coords[j], b = coords[i]), the layout of
-    matplotlib's contourf(coords, coords, loss). Raw values; the figure clips them at 100.
-    """
-    coords, points = np.linspace(*SURFACE_RANGE, SURFACE_POINTS), SURFACE_POINTS
-    b_grid, a_grid = np.meshgrid(coords, coords, indexing="ij")
-    w = w_init + a_grid.reshape(-1, 1) * plane[0] + b_grid.reshape(-1, 1) * plane[1]
-    d = len(w_init) // 2
-    beta = w[:, :d] * w[:, d:]
-    with np.errstate(over="ignore", invalid="ignore"):
-        train_loss = half_mse(data["X"], data["y"], beta).reshape(points, points)
-        test_loss = half_mse(data["X_test"], data["y_test"], beta).reshape(points, points)
-    return {"coords": coords, "train_loss": train_loss, "test_loss": test_loss}
-
-
 def _rounded(array, decimals=6):
     """Shorter JSON for big arrays (plane coordinates and losses are plotted, not recomputed)."""
     return np.round(np.asarray(array, dtype=float), decimals)
 
 
 def attach_surface(data, config, outcomes):
-    """E3: build the plane from the flow run (the first), store the grid and each seed's projected path in its log."""
-    w_init = np.concatenate([np.full(config["input_dim"], config["init_scale"]), np.zeros(config["input_dim"])])
+    """E3: build the plane from the flow run (the first), store the grid and each seed's projected path in its log.
+
+    Plane: orthonormal e1 ∥ w* − w_init and e2 = the part of w_flow − w_init orthogonal to e1 (none when that part
+    is numerically zero). Grid: train and test loss at w = w_init + a·e1 + b·e2, a, b ∈ SURFACE_RANGE, stored with rows
+    indexed by b and columns by a (loss[i][j] at a = coords[j], b = coords[i]), the layout of matplotlib's
+    contourf(coords, coords, loss). Raw values; the figure clips them at 100.
+    """
+    d = config["input_dim"]
+    w_init = np.concatenate([np.full(d, config["init_scale"]), np.zeros(d)])
     w_star = np.concatenate([np.sqrt(data["theta"]), np.sqrt(data["theta"])])
-    flow_result = outcomes[0][1]
-    w_flow = np.concatenate([flow_result["u"][0], flow_result["v"][0]])
-    plane = surface_plane(w_init, w_flow, w_star) if np.isfinite(w_flow).all() else None
-    if plane is None:
+    w_flow = np.concatenate([outcomes[0][1]["u"][0], outcomes[0][1]["v"][0]])
+    e1 = (w_star - w_init) / np.linalg.norm(w_star - w_init)
+    e2 = (w_flow - w_init) - ((w_flow - w_init) @ e1) * e1
+    if not np.isfinite(w_flow).all() or np.linalg.norm(e2) < 1e-12:
         print("E3: the flow run diverged or ended on the w_init–w* line; no loss surface is stored")
         return
-    project = lambda w: (w - w_init) @ plane.T  # noqa: E731  plane coordinates (a, b)
-    grid = loss_surface(data, w_init, plane)
-    surface = {"coords": _rounded(grid["coords"]), "train_loss": _rounded(grid["train_loss"], 10),
-               "test_loss": _rounded(grid["test_loss"], 10), "w_init": [0.0, 0.0],
-               "w_flow": _rounded(project(w_flow)), "w_star": _rounded(project(w_star)),
+    plane = np.stack([e1, e2 / np.linalg.norm(e2)])
+    project = lambda w: _rounded((w - w_init) @ plane.T)  # noqa: E731  plane coordinates (a, b)
+    coords = np.linspace(*SURFACE_RANGE, SURFACE_POINTS)
+    b_grid, a_grid = np.meshgrid(coords, coords, indexing="ij")
+    w = w_init + a_grid.reshape(-1, 1) * plane[0] + b_grid.reshape(-1, 1) * plane[1]
+    beta = w[:, :d] * w[:, d:]
+    with np.errstate(over="ignore", invalid="ignore"):
+        train_loss = half_mse(data["X"], data["y"], beta).reshape(SURFACE_POINTS, SURFACE_POINTS)
+        test_loss = half_mse(data["X_test"], data["y_test"], beta).reshape(SURFACE_POINTS, SURFACE_POINTS)
+    surface = {"coords": _rounded(coords), "train_loss": _rounded(train_loss, 10), "test_loss": _rounded(test_loss, 10),
+               "w_init": [0.0, 0.0], "w_flow": project(w_flow), "w_star": project(w_star),
                "layout": "loss[i][j] at a = coords[j], b = coords[i]; w = w_init + a·e1 + b·e2"}
     support = data["theta"] > 0
     for logs, result, _ in outcomes:
@@ -396,7 +367,7 @@ def attach_surface(data, config, outcomes):
                 "negative_support_coords": int(np.sum((u < 0) & support)), "support_size": int(support.sum())}
             # one point per iteration 0..end-1 (state before its update); completed runs add the state after N steps
             log.finish(log.data["status"], surface=surface, end_state=end_state,
-                       trajectory_2d={"a": _rounded(path[:, 0]), "b": _rounded(path[:, 1])})
+                       trajectory_2d={"a": path[:, 0], "b": path[:, 1]})
 
 # ======================================================================================================================
 # Logs and the driver
@@ -404,11 +375,9 @@ def attach_surface(data, config, outcomes):
 
 
 class ThrottledRunLog(utils.RunLog):
-    """utils.RunLog that rewrites its file at most every `interval` seconds while the run is running; the first save
-    and every save after a status change (finish, divergence, Ctrl-C, error) always happen. Every evaluation is still
-    recorded; only the file rewrite is skipped while the last one is recent (see --log-interval). On leaving a `with`
-    block, a seed that already diverged or finished keeps its status; a running one is marked completed, interrupted
-    or failed (utils.RunLog)."""
+    """utils.RunLog that rewrites its file at most every `interval` seconds (--log-interval) while the run is running;
+    every evaluation is still recorded, and the first save and every save after a status change always happen. On
+    leaving a `with` block, a seed that already diverged or finished keeps its status (utils.RunLog marks the rest)."""
 
     def __init__(self, path, script, config, interval, **extra):
         self.interval, self.last_save = interval, -math.inf
@@ -428,12 +397,13 @@ def _metrics_row(metrics, i):
     return {key: int(value[i]) if key in ("l0", "rank") else float(value[i]) for key, value in metrics.items()}
 
 
-def execute_run(args, config, experiment, run_index, run, data, rank_of, keep_trajectory):
+def execute_run(args, config, experiment, run_index, run, data, rank_of):
     """Train one run for all its seeds at once, writing one log per seed; returns (logs, train() result, seconds)."""
     n_iters = config["iterations"]
     seeds = config["seeds"] if run["algorithm"] == "sgd" else [None]  # GD is deterministic: one row, seed null
     label, slug = utils.toy_run_names(run)
-    if args.preset == SURFACE_PRESET and run_index == 0:
+    surface = args.preset == SURFACE_PRESET  # E3 keeps every state, to project the paths onto the plane
+    if surface and run_index == 0:
         label += " (≈ gradient flow)"
     lrs = utils.toy_step_sizes(n_iters, run["lr"], run["large_lr_frac"], run["decay"])
     decay_iter = None if run["decay"] == 1 else math.floor(run["large_lr_frac"] * n_iters)
@@ -466,7 +436,7 @@ def execute_run(args, config, experiment, run_index, run, data, rank_of, keep_tr
             stack.enter_context(log)
         evals = utils.eval_iterations(n_iters, config["eval_points"], DENSE_EVALS)
         result = train(data, lrs, run["algorithm"], seeds, evals, config["init_scale"], rank_of, on_eval, on_diverge,
-                       keep_trajectory)
+                       surface)
         seconds = time.monotonic() - start
         statuses = ["diverged" if log.data["status"] == "diverged" else "completed" for log in logs]
         summary = utils.seed_summary(seeds, statuses, [log.data["final"] for log in logs])
@@ -505,11 +475,9 @@ def main(argv=None):
     data = make_data(config["n_train"], config["input_dim"], config["support_size"], config["n_test"],
                      config["data_seed"])
     rank_of = JacobianRank(data["X_test"][:2 * config["input_dim"]])
-    surface = args.preset == SURFACE_PRESET
     start = time.monotonic()
-    outcomes = [execute_run(args, config, experiment, index, run, data, rank_of, surface)
-                for index, run in enumerate(runs)]
-    if surface:
+    outcomes = [execute_run(args, config, experiment, index, run, data, rank_of) for index, run in enumerate(runs)]
+    if args.preset == SURFACE_PRESET:
         attach_surface(data, config, outcomes)
     print_summary(outcomes)
     print(f"total {utils.format_seconds(time.monotonic() - start)}; logs in {args.out_dir}")

@@ -134,7 +134,7 @@ def parse_args(argv=None):
     return args, config, runs, experiment
 
 # ======================================================================================================================
-# Data and initialisation
+# Data, initialisation and the model (a manual MLP, no autograd: per-step torch overhead would dominate these tiny nets)
 # ======================================================================================================================
 
 
@@ -156,21 +156,10 @@ def torch_default_bias(rng, fan_in, size):
     return rng.uniform(-bound, bound, size)
 
 
-def make_teacher(preset, config, rng):
-    """Teacher network as a list of (W, b) layers. E5: unit-norm neurons, no biases, output signs a*_j = sign(N(0,1)).
-    E6: 5→k→k→1, weights N(0,1), PyTorch-default biases."""
-    d, k = config["input_dim"], config["teacher_width"]
-    if preset == "e5":
-        w = rng.randn(k, d)
-        w /= np.linalg.norm(w, axis=1, keepdims=True)
-        return [(w, None), (np.sign(rng.randn(1, k)), None)]
-    sizes = [d, k, k, 1]
-    return [(rng.randn(fan_out, fan_in), torch_default_bias(rng, fan_in, fan_out))
-            for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
-
-
 def make_problem(preset, config):
-    """Training/test data, Jacobian-rank points and (E4) the plotting grid, as a dict of float64 arrays."""
+    """Training/test data, Jacobian-rank points, (E4) the plotting grid and (E5/E6) the teacher, as a dict. Teacher
+    layers (W, b): E5 unit-norm neurons, no biases, output signs a*_j = sign(N(0,1)); E6 d→k→k→1, weights N(0,1) and
+    PyTorch-default biases."""
     if preset == "e4":
         x, y = e4_data()
         # the rank is measured on 300 points uniform on [min x, max x] (evenly spaced here)
@@ -179,9 +168,15 @@ def make_problem(preset, config):
         grid = np.linspace(x.min() - margin, x.max() + margin, config["grid_points"])[:, None]
         return dict(x_train=x, y_train=y, x_test=None, y_test=None, rank_x=rank_x, grid=grid, teacher=None)
     rng = np.random.RandomState(config["data_seed"])
-    teacher = make_teacher(preset, config, rng)
-    x_train = unit_sphere(rng, config["n_train"], config["input_dim"])
-    x_test = unit_sphere(rng, config["n_test"], config["input_dim"])
+    d, k = config["input_dim"], config["teacher_width"]
+    if preset == "e5":
+        w = rng.randn(k, d)
+        teacher = [(w / np.linalg.norm(w, axis=1, keepdims=True), None), (np.sign(rng.randn(1, k)), None)]
+    else:
+        teacher = [(rng.randn(fan_out, fan_in), torch_default_bias(rng, fan_in, fan_out))
+                   for fan_in, fan_out in [(d, k), (k, k), (k, 1)]]
+    x_train = unit_sphere(rng, config["n_train"], d)
+    x_test = unit_sphere(rng, config["n_test"], d)
     y_train, _ = forward(teacher, x_train)
     y_test, _ = forward(teacher, x_test)
     # the rank is measured on the first p = #params test points (resolved in parse_args)
@@ -191,10 +186,9 @@ def make_problem(preset, config):
 
 def student_sizes(preset, config):
     """Layer widths input → hidden(s) → 1 of the student."""
+    d = 1 if preset == "e4" else config["input_dim"]
     m = config["width"]
-    if preset == "e4":
-        return [1, m, 1]
-    return [config["input_dim"], m, 1] if preset == "e5" else [config["input_dim"], m, m, 1]
+    return [d, m, m, 1] if preset == "e6" else [d, m, 1]
 
 
 def student_biases(preset):
@@ -225,11 +219,6 @@ def init_student(preset, config, rng):
     return layers
 
 
-# ======================================================================================================================
-# Model: forward pass and manual SGD step (no autograd: per-step torch overhead would dominate these tiny nets)
-# ======================================================================================================================
-
-
 def forward(layers, x):
     """Outputs h(x) (P,) of the MLP for inputs x (P×d), and the post-ReLU activations of every hidden layer."""
     hidden = []
@@ -248,9 +237,8 @@ def sgd_step(layers, x, y, lr):
     """One in-place SGD step on the single example (x, y) for the loss (h(x) − y)² (plain MSE, no ½).
 
     Backpropagation by hand: δ_L = 2η(h − y); ∂/∂W_l = δ_l a_{l−1}ᵀ, ∂/∂b_l = δ_l;
-    δ_{l−1} = (W_lᵀ δ_l) ⊙ 1[a_{l−1} > 0].
-    δ_{l−1} is formed with the OLD W_l before W_l is updated, so all layers move simultaneously as in torch SGD.
-    ReLU'(0) = 0, as in torch.
+    δ_{l−1} = (W_lᵀ δ_l) ⊙ 1[a_{l−1} > 0], formed with the OLD W_l before W_l is updated, so all layers move
+    simultaneously as in torch SGD. ReLU'(0) = 0, as in torch.
     """
     acts = [x]
     for weight, bias in layers[:-1]:
@@ -263,15 +251,13 @@ def sgd_step(layers, x, y, lr):
     if bias is not None:
         out += bias
     delta = 2.0 * lr * (out - y)  # (1,): η·∂(h − y)²/∂h, so the updates below already include the step size
-    for index in range(len(layers) - 1, -1, -1):
+    for index in reversed(range(len(layers))):
         weight, bias = layers[index]
-        if index > 0:
-            back = (weight.T @ delta) * (acts[index] > 0)
+        back = (weight.T @ delta) * (acts[index] > 0) if index > 0 else None  # from the old W_l
         weight -= delta[:, None] * acts[index][None, :]
         if bias is not None:
             bias -= delta
-        if index > 0:
-            delta = back
+        delta = back
 
 
 def torch_model(layers):
@@ -296,7 +282,7 @@ def load_weights(model, layers):
 
 
 # ======================================================================================================================
-# Metrics
+# Metrics, and the training loop of one run and one seed
 # ======================================================================================================================
 
 
@@ -339,25 +325,13 @@ def evaluate(layers, problem, config, model):
     return metrics, True
 
 
-# ======================================================================================================================
-# Training loop: one run, one seed
-# ======================================================================================================================
-
-
-def neuron_positions(problem, init_layers, layers):
-    """E5 neuron-movement data: teacher directions/signs, student first-layer weights at init and at the end."""
-    (teacher_w, _), (teacher_a, _) = problem["teacher"]
-    return {"teacher_w": teacher_w, "teacher_a": teacher_a[0], "student_w_init": init_layers[0][0],
-            "student_w_end": layers[0][0], "student_a_end": layers[-1][0][0]}
-
-
 def train_run(preset, config, run, seed, problem, log, timing):
     """Batch-size-1 SGD for one run; records every evaluation into `log` and adds the seconds spent in the SGD steps,
     the evaluations and the log writes/progress lines to timing["train_s"/"metrics_s"/"callbacks_s"].
     Returns (status, extra log keys)."""
     rng = np.random.RandomState(seed)
     layers = init_student(preset, config, rng)
-    init_layers = [[w.copy(), None if b is None else b.copy()] for w, b in layers]
+    init_w = layers[0][0].copy()  # E5's neuron-movement figure shows the first layer at init and at the end
     n_iters = config["iterations"]
     order = rng.randint(len(problem["y_train"]), size=n_iters)  # SGD indices, drawn after the init
     xs, ys = problem["x_train"][order], problem["y_train"][order]
@@ -392,7 +366,9 @@ def train_run(preset, config, run, seed, problem, log, timing):
         extra["function_grid"] = {"x": problem["grid"][:, 0], "y": values,
                                   "data_x": problem["x_train"][:, 0], "data_y": problem["y_train"]}
     elif preset == "e5":
-        extra["neurons"] = neuron_positions(problem, init_layers, layers)
+        (teacher_w, _), (teacher_a, _) = problem["teacher"]
+        extra["neurons"] = {"teacher_w": teacher_w, "teacher_a": teacher_a[0], "student_w_init": init_w,
+                            "student_w_end": layers[0][0], "student_a_end": layers[-1][0][0]}
     return "completed", extra
 
 # ======================================================================================================================
@@ -434,16 +410,7 @@ def run_one(args, config, experiment, run_index, run, seed, problem, env):
     return log
 
 
-def attach_seed_summary(logs):
-    """utils.seed_summary of one run over its seeds, stored in every log of the run (key `seed_summary`)."""
-    summary = utils.seed_summary([log.data["seed"] for log in logs], [log.data["status"] for log in logs],
-                                 [log.data["final"] for log in logs])
-    for log in logs:
-        log.finish(log.data["status"], seed_summary=summary)
-    return summary
-
-
-def print_summary(experiment, logs_by_seed, summaries, seconds):
+def print_summary(experiment, logs_by_seed, seconds):
     """End-of-command tables: every (seed, run), then, when several seeds ran, each run over its seeds (the diverged
     fraction and the medians of the other seeds: large-step runs sit at the edge of divergence)."""
     print(f"\nSummary of {experiment} (metrics at the last evaluation, before its update; "
@@ -456,7 +423,8 @@ def print_summary(experiment, logs_by_seed, summaries, seconds):
     if len(logs_by_seed) < 2:
         return
     print(f"\nPer run over {len(logs_by_seed)} seeds (medians over the non-diverged seeds, at the last evaluation):")
-    for log, summary in zip(logs_by_seed[0], summaries):
+    for log in logs_by_seed[0]:
+        summary = log.data["seed_summary"]
         diverged = f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
         medians = format_metrics(summary["median_final"]) if summary["median_final"] else "every seed diverged"
         print(f"  {log.data['run']:<46s} diverged {diverged:<6s} {medians}")
@@ -476,8 +444,12 @@ def main(argv=None):
     # seeds outer, runs inner: all runs of one seed share its init and SGD order (module docstring)
     logs_by_seed = [[run_one(args, config, experiment, index, run, seed, problem, env)
                      for index, run in enumerate(runs)] for seed in config["seeds"]]
-    summaries = [attach_seed_summary(list(run_logs)) for run_logs in zip(*logs_by_seed)]
-    print_summary(experiment, logs_by_seed, summaries, time.monotonic() - started)
+    for run_logs in zip(*logs_by_seed):  # every log of a run carries the run over its seeds (utils.seed_summary)
+        summary = utils.seed_summary([log.data["seed"] for log in run_logs], [log.data["status"] for log in run_logs],
+                                     [log.data["final"] for log in run_logs])
+        for log in run_logs:
+            log.finish(log.data["status"], seed_summary=summary)
+    print_summary(experiment, logs_by_seed, time.monotonic() - started)
 
 
 if __name__ == "__main__":
