@@ -651,14 +651,12 @@ def test_real_cifar10_in_shared_data_loads():
 
 
 def test_eval_batch_size_default_depends_on_the_device_and_an_explicit_value_is_kept():
-    def resolved(device, *flags):
-        parser = utils.ArgumentParser()
-        utils.add_deep_net_arguments(parser, "script", lr=0.1, warmup_exp=1.0)
-        args = parser.parse_args(list(flags))
+    def resolved(device, eval_batch_size=None):
+        args = argparse.Namespace(eval_batch_size=eval_batch_size, precision="fp32", deterministic=False)
         utils.configure_backend(args, torch.device(device))
         return args.eval_batch_size
 
-    assert resolved("cpu") == 128 and resolved("cpu", "--eval-batch-size", "700") == 700
+    assert resolved("cpu") == 128 and resolved("cpu", 700) == 700
     assert resolved("meta") == 512  # any accelerator (the CUDA-only settings are not touched for "meta")
 
 
@@ -702,10 +700,8 @@ def test_run_clock_images_per_sec_excludes_evaluation_time_also_during_an_evalua
 
 def test_evaluate_classifier_reports_losses_errors_and_three_densities_per_block():
     torch.manual_seed(0)
-    parser = utils.ArgumentParser()
-    utils.add_deep_net_arguments(parser, "script", lr=0.1, warmup_exp=1.0)
-    args = parser.parse_args(["--sparsity-examples", "64", "--sparsity-neurons", "20", "--eval-batch-size", "16",
-                              "--no-channels-last"])
+    args = argparse.Namespace(sparsity_examples=64, sparsity_neurons=20, eval_batch_size=16, channels_last=False,
+                              tau=0.95, seed=0)
     data = utils.keep_first_train(utils.synthetic_image_dataset(), 100)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 8 * 8, 10))

@@ -18,9 +18,10 @@ The iteration-0 evaluation runs in eval mode with BatchNorm's initial running st
 through which the untrained network's activations grow with depth: its train loss reads ~22 at depth 40 and ~4e4 at
 depth 100. From the first periodic evaluation on, the running statistics are the trained ones.
 """
-from collections import OrderedDict
+import argparse
 import math
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -139,12 +140,73 @@ class DenseNetBC(nn.Module):
 
 
 def build_parser():
+    """Every flag of the experiment; the defaults are the paper's plain-SGD setting (E7)."""
     parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
-    utils.add_deep_net_arguments(parser, script=SCRIPT, lr=0.75, warmup_exp=1.05)
-    parser.add_argument("--depth", type=utils.positive_int, default=100,
-                        help="DenseNet-BC depth, 6n + 4 (n bottleneck layers per dense stage); 100 = the paper's")
-    parser.add_argument("--growth-rate", type=utils.positive_int, default=12,
-                        help="k: feature maps each bottleneck layer adds")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=utils.IMAGE_DATASETS,
+                      help="image classification data set; 'synthetic' is a small generated set for offline tests")
+    data.add_argument("--data-dir", default="./data",
+                      help="folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/")
+    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                      help="download the data set into --data-dir if it is missing")
+    data.add_argument("--n-train", type=utils.positive_int, default=None,
+                      help="use only the first N training images (default: all)")
+    optim = parser.add_argument_group("optimisation (the step size of every step: utils.deep_step_size)")
+    optim.add_argument("--epochs", type=utils.positive_int, default=100, help="training epochs E")
+    optim.add_argument("--batch-size", type=utils.positive_int, default=256, help="SGD mini-batch size")
+    optim.add_argument("--lr", type=utils.positive_float, default=0.75,
+                       help="η0: the initial step size, BEFORE warmup (the peak is η0·w^(100T) for w > 1)")
+    optim.add_argument("--lr-schedule", default="piecewise", choices=["constant", "piecewise"],
+                       help="constant η0, or a large-step phase for T·E epochs then ÷10, and ÷100 from 0.9·E")
+    optim.add_argument("--warmup-exp", type=utils.positive_float, default=1.05,
+                       help="w: exponential warmup η0·w^u if w > 1 (u = %% of training done), power warmup "
+                            "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
+    optim.add_argument("--large-lr-frac", type=utils.positive_float, default=0.5,
+                       help="T: utils.fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
+    optim.add_argument("--momentum", type=utils.nonnegative_float, default=0.0, help="SGD (heavy-ball) momentum, in [0, 1)")
+    optim.add_argument("--weight-decay", type=utils.nonnegative_float, default=0.0,
+                       help="L2 penalty coefficient on all parameters")
+    optim.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="random crop (4-pixel zero padding) and horizontal flip, done per batch on the device")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-every", type=utils.positive_int, default=200,
+                            help="iterations between evaluations (and checkpoints)")
+    evaluation.add_argument("--sparsity-examples", type=utils.positive_int, default=10752,
+                            help="fixed unaugmented training images used for the feature sparsity and the train "
+                                 "loss/error (capped at the training-set size)")
+    evaluation.add_argument("--sparsity-neurons", type=utils.positive_int, default=1000,
+                            help="neurons sampled per block for the density and the de-duplicated density")
+    evaluation.add_argument("--tau", type=utils.fraction, default=0.95,
+                            help="τ: two neurons whose activations correlate above τ (in absolute value) are "
+                                 "duplicates (the paper: 0.95 for deep nets)")
+    evaluation.add_argument("--eval-batch-size", type=utils.positive_int, default=None,
+                            help="images per forward pass during evaluation (default: 128 on CPU, 512 on GPU; see "
+                                 "utils.default_eval_batch_size); lower it if memory is short")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=utils.nonnegative_int, default=0,
+                     help="seeds the initialisation, batches and augmentation")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="auto = CUDA if available, else MPS, else CPU")
+    run.add_argument("--out-dir", default=os.path.join("runs", SCRIPT),
+                     help="folder for the JSON log and the checkpoint of this run")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this run (same flags) from its last checkpoint in --out-dir")
+    run.add_argument("--stop-at-epoch", type=utils.positive_int, default=None,
+                     help="checkpoint and stop after this many epochs (e.g. to fit a job time limit); "
+                          "continue later with --resume")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                     help="CUDA matmul/conv precision: exact fp32, TF32 tensor cores, or bf16 autocast "
+                          "(CPU always runs fp32)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="NHWC memory format for images and conv weights (faster convolutions on CPU and GPU)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic CUDA kernels (cuDNN benchmark off); slower, bit-reproducible on one GPU")
+    model = parser.add_argument_group("model")
+    model.add_argument("--depth", type=utils.positive_int, default=100,
+                       help="DenseNet-BC depth, 6n + 4 (n bottleneck layers per dense stage); 100 = the paper's")
+    model.add_argument("--growth-rate", type=utils.positive_int, default=12,
+                       help="k: feature maps each bottleneck layer adds")
     return parser
 
 

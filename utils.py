@@ -14,7 +14,7 @@ Contents, in reading order:
                                 resolve_device, cpu_name, environment_info
   5. Image data                 load_image_dataset, keep_first_train, synthetic_image_dataset, epoch_permutation,
                                 augment_batch, images_to_float
-  6. Deep-net building blocks   add_deep_net_arguments, check_deep_net_args, configure_backend, apply_channels_last,
+  6. Deep-net building blocks   check_deep_net_args, configure_backend, apply_channels_last,
                                 load_data, run_name, schedule_label, evaluate_classifier, save_checkpoint,
                                 load_checkpoint, logged_history, StopOnSignal, RunClock, progress_line
 The definitions follow the paper; the README's "Definitions" section states them in full.
@@ -967,71 +967,6 @@ DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks: one host sync e
 # memory format only its rounding (apply_channels_last may also switch channels_last off on one device, not another),
 # and neither does where the data lives or whether it may be downloaded
 RESUME_MAY_CHANGE = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last", "data_dir", "download"}
-
-
-def add_deep_net_arguments(parser, script, lr, warmup_exp):
-    """The command-line flags both deep-net scripts share (same name, same meaning); defaults = the paper's E7."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=IMAGE_DATASETS,
-                      help="image classification data set; 'synthetic' is a small generated set for offline tests")
-    data.add_argument("--data-dir", default="./data",
-                      help="folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/")
-    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                      help="download the data set into --data-dir if it is missing")
-    data.add_argument("--n-train", type=positive_int, default=None,
-                      help="use only the first N training images (default: all)")
-    optim = parser.add_argument_group("optimisation (step-size schedule: see utils.deep_step_size)")
-    optim.add_argument("--epochs", type=positive_int, default=100, help="training epochs E")
-    optim.add_argument("--batch-size", type=positive_int, default=256, help="SGD mini-batch size")
-    optim.add_argument("--lr", type=positive_float, default=lr,
-                       help="η0: the initial step size, BEFORE warmup (the peak is η0·w^(100T) for w > 1)")
-    optim.add_argument("--lr-schedule", default="piecewise", choices=["constant", "piecewise"],
-                       help="constant η0, or a large-step phase for T·E epochs then ÷10, and ÷100 from 0.9·E")
-    optim.add_argument("--warmup-exp", type=positive_float, default=warmup_exp,
-                       help="w: exponential warmup η0·w^u if w > 1 (u = %% of training done), power warmup "
-                            "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
-    optim.add_argument("--large-lr-frac", type=positive_float, default=0.5,
-                       help="T: fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
-    optim.add_argument("--momentum", type=nonnegative_float, default=0.0, help="SGD (heavy-ball) momentum, in [0, 1)")
-    optim.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
-                       help="L2 penalty coefficient on all parameters")
-    optim.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                       help="random crop (4-pixel zero padding) and horizontal flip, done per batch on the device")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval-every", type=positive_int, default=200,
-                            help="iterations between evaluations (and checkpoints)")
-    evaluation.add_argument("--sparsity-examples", type=positive_int, default=10752,
-                            help="fixed unaugmented training images used for the feature sparsity and the train "
-                                 "loss/error (capped at the training-set size)")
-    evaluation.add_argument("--sparsity-neurons", type=positive_int, default=1000,
-                            help="neurons sampled per block for the density and the de-duplicated density")
-    evaluation.add_argument("--tau", type=fraction, default=0.95,
-                            help="τ: two neurons whose activations correlate above τ (in absolute value) are "
-                                 "duplicates (the paper: 0.95 for deep nets)")
-    evaluation.add_argument("--eval-batch-size", type=positive_int, default=None,
-                            help="images per forward pass during evaluation (default: 128 on CPU, where small "
-                                 "batches stay in cache and run ~2× faster than 512; 512 on GPU); lower it if "
-                                 "memory is short")
-    run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=nonnegative_int, default=0,
-                     help="seeds the initialisation, batches and augmentation")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                     help="auto = CUDA if available, else MPS, else CPU")
-    run.add_argument("--out-dir", default=os.path.join("runs", script),
-                     help="folder for the JSON log and the checkpoint of this run")
-    run.add_argument("--resume", action="store_true",
-                     help="continue this run (same flags) from its last checkpoint in --out-dir")
-    run.add_argument("--stop-at-epoch", type=positive_int, default=None,
-                     help="checkpoint and stop after this many epochs (e.g. to fit a job time limit); "
-                          "continue later with --resume")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
-                     help="CUDA matmul/conv precision: exact fp32, TF32 tensor cores, or bf16 autocast "
-                          "(CPU always runs fp32)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="NHWC memory format for images and conv weights (faster convolutions on CPU and GPU)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic CUDA kernels (cuDNN benchmark off); slower, bit-reproducible on one GPU")
 
 
 def check_deep_net_args(args):
