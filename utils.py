@@ -9,12 +9,12 @@ Contents, in reading order:
   2. Metrics                    feature_sparsity, neuron_subset, BlockActivations, block_feature_sparsity,
                                 jacobian_rank, model_jacobian
   3. Toy-model helpers          resolve_preset, add_preset_flag, toy_run_names, eval_iterations, seed_summary
-  4. Run logs and command line  RunLog, write_json_atomic, run_slug, format_seconds, ArgumentParser,
+  4. Run logs and command line  RunLog, write_json_atomic, to_jsonable, run_slug, format_seconds, ArgumentParser,
                                 FlagError, flag_name, usage_error, flag types, prepare_out_dir, seed_everything,
                                 resolve_device, cpu_name, environment_info
-  5. Image data                 load_image_dataset, keep_first_train, synthetic_image_dataset, epoch_permutation,
-                                augment_batch, images_to_float
-  6. Deep-net building blocks   check_deep_net_args, configure_backend, apply_channels_last,
+  5. Image data                 ImageDataset, load_image_dataset, DownloadError, keep_first_train,
+                                synthetic_image_dataset, epoch_permutation, augment_batch, images_to_float
+  6. Deep-net building blocks   check_deep_net_args, default_eval_batch_size, configure_backend, apply_channels_last,
                                 load_data, run_name, schedule_label, evaluate_classifier, save_checkpoint,
                                 load_checkpoint, logged_history, StopOnSignal, RunClock, progress_line
 The definitions follow the paper; the README's "Definitions" section states them in full.
