@@ -208,7 +208,7 @@ class BlockActivations:
     def __init__(self, model, blocks, max_neurons=1000, seed=0):
         self.max_neurons, self.seed = max_neurons, seed
         self.modules = {name: model.get_submodule(m) if isinstance(m, str) else m for name, m in blocks.items()}
-        self.handles, self.positives, self.entries, self.kept = [], {}, {}, {}
+        self.handles, self.positives, self.entries, self.kept, self.subsets = [], {}, {}, {}, {}
 
     def __enter__(self):
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
@@ -223,12 +223,15 @@ class BlockActivations:
     def _hook(self, name):
         def hook(module, inputs, output):
             output = output.detach().reshape(output.shape[0], -1)  # one column per neuron (channel × position)
-            subset = neuron_subset(output.shape[1], self.max_neurons, self.seed)
+            if name not in self.subsets:  # drawn once per block, not per batch (and moved to the device once)
+                subset = neuron_subset(output.shape[1], self.max_neurons, self.seed)
+                self.subsets[name] = None if subset is None else subset.to(output.device)
+            subset = self.subsets[name]
             # count on the device (no host sync per batch); copy the kept columns, as a later in-place op of the
             # model (e.g. ReLU(inplace=True)) could still change the output
             self.positives[name] = self.positives.get(name, 0) + torch.count_nonzero(output > 0)
             self.entries[name] = self.entries.get(name, 0) + output.numel()
-            kept = output.clone() if subset is None else output[:, subset.to(output.device)]
+            kept = output.clone() if subset is None else output[:, subset]
             self.kept.setdefault(name, []).append(kept)
 
         return hook
