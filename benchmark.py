@@ -434,15 +434,16 @@ def bench_eval_overhead(ctx):
 def diag_net_seconds(seeds, iterations):
     """Seconds of diag_net.train, the vectorised SGD loop with its evaluations, for E1's constant run (η = 0.25) with
     these seeds as one batch, on one torch thread as diag_net.py runs it."""
-    data = diag_net.make_data(80, 200, 20, 1000, 0)
-    rank_of = diag_net.JacobianRank(data["X_test"][:400])
-    lrs = utils.toy_step_sizes(iterations, 0.25)
-    evals = utils.eval_iterations(iterations, 250, diag_net.DENSE_EVALS)
+    e1 = diag_net.PRESETS["e1"]
+    data = diag_net.make_data(e1["n_train"], e1["input_dim"], e1["support_size"], e1["n_test"], e1["data_seed"])
+    rank_of = diag_net.JacobianRank(data["X_test"][:2 * e1["input_dim"]])
+    lrs = utils.toy_step_sizes(iterations, e1["lr"][0])
+    evals = utils.eval_iterations(iterations, e1["eval_points"], diag_net.DENSE_EVALS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
-        diag_net.train(data, lrs, "sgd", list(seeds), evals, 0.1, rank_of)
+        diag_net.train(data, lrs, "sgd", list(seeds), evals, e1["init_scale"], rank_of)
         return time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
