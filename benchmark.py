@@ -244,15 +244,13 @@ def bench_data_path(ctx):
     size, device, data = ctx["size"], ctx["device"], ctx["data"]
     batch = 256
     n_train = len(data.train_labels)
-    steps_per_epoch = math.ceil(n_train / batch)
     epochs_done = [0]
 
     def ours():  # every batch of one epoch, as train_resnet.py's loop makes them (a new epoch each call)
         epoch = epochs_done[0]
-        permutation = utils.epoch_permutation(n_train, epoch, 0, device)
-        for index in range(steps_per_epoch):
-            indices = permutation[index * batch:(index + 1) * batch]
-            images = utils.augment_batch(data.train_images[indices], 0, epoch * steps_per_epoch + index)
+        batches = utils.epoch_batches(n_train, batch, epoch, 0, device)
+        for index, indices in enumerate(batches):
+            images = utils.augment_batch(data.train_images[indices], 0, epoch * len(batches) + index)
             made = utils.images_to_float(images, True), data.train_labels[indices]
         epochs_done[0] += 1
         sync(device)

@@ -311,6 +311,27 @@ def only_log(folder):
     return os.path.join(folder, logs[0])
 
 
+def test_every_training_step_sees_a_full_batch(tmp_path, monkeypatch):
+    """200 = 3·64 + 8 images: each epoch is 3 steps of 64 images; the 8 left over are not a short 4th step."""
+    seen = []
+
+    class RecordingResNet(train_resnet.ResNet18):
+        def forward(self, x):
+            if self.training and torch.is_grad_enabled():
+                seen.append(len(x))
+            return super().forward(x)
+
+    monkeypatch.setattr(train_resnet, "ResNet18", RecordingResNet)
+    flags = [flag for flag in TINY_RESNET[1:]]
+    flags[flags.index("--epochs") + 1] = "2"
+    assert train_resnet.main([*flags, "--dataset", "synthetic", "--n-train", "200", "--out-dir", str(tmp_path)]) \
+        == "completed"
+    assert seen == [64] * 6
+    log = json.load(open(only_log(tmp_path)))
+    assert log["config"]["steps_per_epoch"] == 3 and log["final"]["iter"] == 6
+    assert log["final"]["epoch"] == 2.0
+
+
 @pytest.mark.parametrize("script", [TINY_RESNET, TINY_DENSENET], ids=["resnet", "densenet"])
 def test_deep_net_script_runs_logs_and_plots(script, tmp_path):
     out = tmp_path / "runs"

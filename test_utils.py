@@ -597,14 +597,21 @@ def test_augment_batch_of_blank_images_gives_shifted_rectangles():
     assert set(heights) == set(widths) == {28, 29, 30, 31, 32}  # shifts of 0..4 pixels (offsets 0..8 of 9)
 
 
-def test_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
+def test_epoch_batches_are_full_disjoint_and_a_pure_function_of_seed_and_epoch():
     state = torch.get_rng_state()
-    perm = utils.epoch_permutation(1000, epoch=3, seed=7, device="cpu")
-    assert perm.dtype == torch.int64 and torch.equal(perm.sort().values, torch.arange(1000))
-    assert torch.equal(perm, utils.epoch_permutation(1000, epoch=3, seed=7, device="cpu"))
-    assert not torch.equal(perm, utils.epoch_permutation(1000, epoch=4, seed=7, device="cpu"))
-    assert not torch.equal(perm, utils.epoch_permutation(1000, epoch=3, seed=8, device="cpu"))
+    batches = utils.epoch_batches(1000, 64, epoch=3, seed=7, device="cpu")
+    assert batches.dtype == torch.int64 and batches.shape == (15, 64)  # 1000 = 15·64 + 40: no short 16th batch
+    used = batches.flatten()
+    assert len(used.unique()) == 960 and used.min() >= 0 and used.max() < 1000
+    assert torch.equal(batches, utils.epoch_batches(1000, 64, epoch=3, seed=7, device="cpu"))
+    assert not torch.equal(batches, utils.epoch_batches(1000, 64, epoch=4, seed=7, device="cpu"))
+    assert not torch.equal(batches, utils.epoch_batches(1000, 64, epoch=3, seed=8, device="cpu"))
     assert torch.equal(state, torch.get_rng_state())
+    left_out = [set(range(1000)) - set(utils.epoch_batches(1000, 64, epoch, 7).flatten().tolist()) for epoch in range(5)]
+    assert all(len(s) == 40 for s in left_out) and len(set(map(frozenset, left_out))) == 5  # other images each epoch
+    assert utils.epoch_batches(256, 256, 0, 0).shape == (1, 256)
+    with pytest.raises(ValueError, match="batch size"):
+        utils.epoch_batches(100, 256, 0, 0)
 
 
 def test_images_to_float_scales_to_unit_interval_without_normalisation():

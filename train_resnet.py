@@ -215,7 +215,7 @@ def main(argv=None):
     train_forward = torch.compile(model) if args.compile else model  # evaluation runs eager (it needs its hooks)
     autocast = precision == "bf16"
     n_train = len(data.train_labels)
-    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch of an epoch may be smaller
+    steps_per_epoch = n_train // args.batch_size  # full batches only (see utils.epoch_batches)
     total_steps = args.epochs * steps_per_epoch
     stop_step = total_steps if args.stop_at_epoch is None else args.stop_at_epoch * steps_per_epoch
 
@@ -254,7 +254,7 @@ def main(argv=None):
     # ---- the training loop ----
     window_loss = torch.tensor(window_loss, device=device)  # summed mini-batch losses since the last evaluation,
     last_logged = history[-1]["iter"] if history else -1  # kept on the device: no host sync per step
-    clock, first_step, permutation, status = utils.RunClock(elapsed_before), step, None, "completed"
+    clock, first_step, batches, status = utils.RunClock(elapsed_before), step, None, "completed"
 
     def checkpoint():
         utils.save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
@@ -296,11 +296,11 @@ def main(argv=None):
             if step >= stop_step or stop.requested:
                 break
 
-            # one SGD step on a slice of this epoch's seeded permutation
+            # one SGD step on the next full batch of this epoch's seeded permutation
             epoch, index = divmod(step, steps_per_epoch)
-            if index == 0 or permutation is None:
-                permutation = utils.epoch_permutation(n_train, epoch, args.seed, device)
-            batch = permutation[index * args.batch_size:(index + 1) * args.batch_size]
+            if index == 0 or batches is None:
+                batches = utils.epoch_batches(n_train, args.batch_size, epoch, args.seed, device)
+            batch = batches[index]
             images = data.train_images[batch]
             if args.augment:
                 images = utils.augment_batch(images, args.seed, step)
