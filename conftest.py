@@ -1,7 +1,8 @@
 """Fixtures shared by test_utils.py and test_smoke.py: tiny data sets written in the real on-disk layouts.
 
 `fake_cifar10_dir`, `fake_cifar100_dir`, `fake_tinyimagenet_dir` (session-scoped) write tiny data sets in the layouts
-torchvision downloads and return the data folder (--data-dir) that holds them.
+torchvision downloads and return the data folder (--data-dir) that holds them. `CreatesFileWhenUnpickled` is the
+pickled object the checkpoint tests plant in a checkpoint.
 """
 import os
 import pickle
@@ -38,6 +39,17 @@ def write_pickle(path, obj):
 def read_pickle(path):
     with open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")
+
+
+class CreatesFileWhenUnpickled:
+    """A pickled object whose unpickling calls open(marker, "w"): a harmless stand-in for the code that a malicious
+    checkpoint would run under torch.load(weights_only=False). The file `marker` appearing means the code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ METRIC_KEYS = ("train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balanc
 
 PER_RUN = ("algorithm", "lr", "large_lr_frac", "decay")  # one value for every run, or one value per run
 E1_DATA = dict(n_train=80, input_dim=200, support_size=20, n_test=1000, data_seed=0, init_scale=0.1, iterations=100001,
-               eval_points=250)
+               eval_points=250, sgd_seed=None, init_jitter=0.0)
 PRESETS = {
     # E1 (main text): constant η = 0.25, and η = 0.282 decayed ÷4.8 / ÷3.4 / ÷1.5 after 10 / 30 / 50 % of training.
     # The decayed runs sit at the edge of divergence: compare them over seeds.
@@ -94,6 +94,10 @@ def build_parser():
     knob("--init-scale", "α: initialisation u0 = α·1, v0 = 0", type=utils.nonnegative_float)
     knob("--seeds", "SGD sampling seeds, one vectorised batch, one log each (GD runs: one log, seed null)", nargs="+",
          type=utils.nonnegative_int)
+    knob("--sgd-seed", "hold the SGD order at this seed while --seeds vary (auto: each seed's own)",
+         type=utils.nonnegative_int)
+    knob("--init-jitter", "ε: multiply u0 by (1 + ε·N(0,1)), drawn from the seed (0 = off); with --sgd-seed held, the "
+                          "seeds measure how chaotic a run is", type=utils.nonnegative_float)
     parser.add_argument("--out-dir", default=os.path.join("runs", SCRIPT), help="folder for the JSON run logs")
     parser.add_argument("--log-interval", type=utils.nonnegative_float, default=2.0,
                         help="seconds between log saves during a run (0 = after every evaluation; always at the "
@@ -242,8 +246,11 @@ def evaluate(data, u, v, rank_of):
 
 
 def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None, on_diverge=None,
-          keep_trajectory=False):
+          keep_trajectory=False, sgd_seed=None, init_jitter=0.0):
     """Train one run for all `seeds` at once (one batch row per seed; GD ignores the seed values).
+
+    sgd_seed: every row samples the SGD order of this seed instead of its own. init_jitter: each row's u0 is
+    multiplied by its seed's utils.jitter_factors (rows of seed None, GD, are not jittered).
 
     lrs: (N,) step size of every iteration; evals: sorted evaluation iterations (< N, starting at 0); rank_of: a
     JacobianRank of the data's rank points.
@@ -255,7 +262,12 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
     """
     n_iters, d, batch = len(lrs), data["X"].shape[1], len(seeds)
     u, v = np.full((batch, d), float(init_scale)), np.zeros((batch, d))
-    indices = sgd_indices(seeds, len(data["y"]), n_iters) if algorithm == "sgd" else None
+    if init_jitter:
+        for row, seed in enumerate(seeds):
+            if seed is not None:
+                u[row] *= utils.jitter_factors([d], init_jitter, seed)[0]
+    order_seeds = seeds if sgd_seed is None else [sgd_seed] * batch
+    indices = sgd_indices(order_seeds, len(data["y"]), n_iters) if algorithm == "sgd" else None
     alive = np.arange(batch)
     diverged_at = np.full(batch, -1)
     trajectory = np.full((batch, n_iters + 1, 2 * d), np.nan) if keep_trajectory else None
@@ -436,7 +448,7 @@ def execute_run(args, config, experiment, run_index, run, data, rank_of):
             stack.enter_context(log)
         evals = utils.eval_iterations(n_iters, config["eval_points"], DENSE_EVALS)
         result = train(data, lrs, run["algorithm"], seeds, evals, config["init_scale"], rank_of, on_eval, on_diverge,
-                       surface)
+                       surface, config["sgd_seed"], config["init_jitter"])
         seconds = time.monotonic() - start
         statuses = ["diverged" if log.data["status"] == "diverged" else "completed" for log in logs]
         summary = utils.seed_summary(seeds, statuses, [log.data["final"] for log in logs])
@@ -449,7 +461,8 @@ def execute_run(args, config, experiment, run_index, run, data, rank_of):
 
 
 def print_summary(outcomes):
-    """End-of-run table: per run the diverged fraction and the medians of the other seeds at the last evaluation."""
+    """End-of-run table: per run the diverged fraction, and the medians of the other seeds at the last evaluation with
+    their bootstrap 90 % intervals when several seeds ran; then how often a later decay beat the earlier one."""
     columns = [("train_loss", "train loss", 11, ".4e"), ("test_loss", "test loss", 11, ".4e"), ("l0", "‖β‖₀", 6, ".0f"),
                ("rank", "rank", 5, ".0f")]
     print(f"\n{'run':<34} {'seeds':>5} {'diverged':>8} {'iter':>7} "
@@ -464,6 +477,13 @@ def print_summary(outcomes):
         print(f"{logs[0].data['run']:<34} {len(logs):>5} {diverged:>8} {last:>7} {cells} "
               f"{utils.format_seconds(seconds):>6}")
     print("(medians over the non-diverged seeds at the last evaluation point, before its update)")
+    for logs, _, _ in outcomes:
+        summary, wins = logs[0].data["seed_summary"], logs[0].data.get("vs_earlier_decay")
+        if len(logs) > 1 and summary["median_final"]:
+            print(f"{logs[0].data['run']}: " + "  ".join(f"{key} {utils.format_median_ci(summary, key)}"
+                                                         for key, *_ in columns if key in summary["median_final"]))
+        if wins:
+            print(f"    lower {wins['metric']} than the earlier decay in {wins['wins']}/{wins['pairs']} seeds")
 
 
 def main(argv=None):
@@ -479,6 +499,7 @@ def main(argv=None):
     outcomes = [execute_run(args, config, experiment, index, run, data, rank_of) for index, run in enumerate(runs)]
     if args.preset == SURFACE_PRESET:
         attach_surface(data, config, outcomes)
+    utils.compare_consecutive_decays(runs, [logs for logs, _, _ in outcomes])
     print_summary(outcomes)
     print(f"total {utils.format_seconds(time.monotonic() - start)}; logs in {args.out_dir}")
     return outcomes

@@ -3,9 +3,15 @@
     python plots.py --logs runs/ --out-dir figures/
 
 Reads every JSON run log under --logs (recursively), groups the logs by their `experiment` key (e1 ... e6 for the toy
-presets, one group per model/data set for deep nets), and writes one PNG per figure into --out-dir. Seeds of
-the same run (same `run` label) are drawn as the median with a min–max band. File names are never parsed: all data
-comes from the JSON. No LaTeX needed (matplotlib's mathtext only).
+presets, one group per model/data set for deep nets), and writes one PNG per figure into --out-dir. Within a figure,
+logs are seeds of one line only when their whole `config` is equal except the seed and bookkeeping keys (plot_lines);
+lines that share a label but differ in, say, --epochs or --width say so in the legend ("… (epochs 8)"). The seeds of a
+line are drawn as the median with a min–max band; a run that is still running, was interrupted or failed is drawn as
+its own line, marked in the legend, never merged into a finished run's median. File names are never parsed: all data
+comes from the JSON. No LaTeX needed (matplotlib's mathtext only). The PNGs are byte-identical from run to run with the
+matplotlib version pinned in requirements.txt: Agg renderer, no pyplot state, and matplotlib writes no time stamp into
+a PNG (its metadata holds only matplotlib's version), so `python plots.py --logs results --out-dir results` redraws the
+committed figures exactly.
 """
 import collections
 import json
@@ -15,6 +21,7 @@ import matplotlib.colors
 import matplotlib.figure
 import matplotlib.lines
 import matplotlib.patches
+import matplotlib.ticker
 import numpy as np
 
 import utils
@@ -42,16 +49,125 @@ def load_logs(folder):
     return logs
 
 
-def runs_by_label(logs):
-    """{run label: [logs of its seeds]}, ordered by the logs' `run_index` (the run's position in its preset, written
-    by the toy scripts) so that legends follow the paper's run order, not file names (where 'lr0.282_div1.5' sorts
-    before 'lr0.282_div4.8'). Labels without a run_index (e.g. deep nets) keep the order they first appear in (logs
-    arrive sorted by path), after the indexed ones."""
-    groups = collections.OrderedDict()
+# ----------------------------------------------------------------------------- which logs are seeds of one line -----
+
+# Config keys that do not change the experiment, left out when deciding whether two logs are seeds of one run: the seed
+# itself (and the seed list of a multi-seed toy invocation); where files live and whether data may be downloaded; the
+# device and how the same computation is executed on it (requested precision — the one used is `precision_used` —,
+# compile, memory layout, deterministic kernels: rounding only); how evaluation is batched and how often a toy log is
+# rewritten; how a deep run was started or continued (--stop-at-epoch, --resume, --restart).
+NOT_THE_EXPERIMENT = frozenset({
+    "seed", "seeds",
+    "out_dir", "data_dir", "download",
+    "device", "precision", "compile", "channels_last", "deterministic",
+    "eval_batch_size", "log_interval", "stop_at_epoch", "resume", "restart",
+    # computed from the keys above and the data set: equal whenever those are
+    "n_test", "num_classes", "steps_per_epoch", "total_steps", "sparsity_examples_used", "blocks", "decay_iter",
+})
+
+# Keys the `run` label already spells out (utils.schedule_label for deep nets, utils.toy_run_names for toys): a legend
+# names them only to tell apart lines that share a label.
+LABELLED_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac", "momentum", "weight_decay", "augment",
+                           "decay", "warmup_factor", "warmup_power", "algorithm"})
+
+# Statuses of a run that did not finish (utils.RUN_STATUSES less completed and diverged): never part of a median.
+UNFINISHED = ("running", "interrupted", "failed")
+
+# Line style of an unfinished run (all drawers): an open circle at its last evaluation.
+UNFINISHED_STYLE = {"marker": "o", "markevery": [-1], "markerfacecolor": "none"}
+
+
+class Line(collections.namedtuple("Line", "label logs unfinished")):
+    """One line of a figure: its legend label (without the seed count), the logs of its seeds, and whether it is a
+    single unfinished run."""
+
+
+def _is_off(value):
+    """A value a newly added flag takes by default (a feature switched off: 0, False, None, empty). A config written
+    before the flag existed lacks the key; comparing configs without such values makes the two equal."""
+    return value in (None, 0, "", [], {})  # 0 == 0.0 == False
+
+
+def experiment_config(log):
+    """The part of a log's config that defines the experiment: every key except NOT_THE_EXPERIMENT, and except keys
+    whose value is off (so that a key missing from an older log equals its default)."""
+    return {key: value for key, value in log.get("config", {}).items()
+            if key not in NOT_THE_EXPERIMENT and not _is_off(value)}
+
+
+def _shown_value(value):
+    """A config value as a legend shows it."""
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "none"}[value]
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "/".join(map(_shown_value, value))
+    return str(value)
+
+
+def _progress(log):
+    """How far an unfinished run got, from its last evaluation record."""
+    if not log["history"]:
+        return "before its first evaluation"
+    last = log["history"][-1]
+    if last.get("epoch") is not None:
+        return f"logged up to epoch {round(last['epoch'], 2):g}"
+    return f"logged up to iteration {last['iter']}"
+
+
+def plot_lines(logs):
+    """The lines of one figure, as a list of Line.
+
+    Logs are seeds of one line when they share their `run` label and their experiment_config; the finished ones
+    (completed or diverged: the drawers decide what a diverged seed contributes) make one line, and every unfinished
+    log (UNFINISHED) is a line of its own, labelled with its status, its seed and how far it got. A label gets
+    '(key value, …)' for every config key in which its line differs from another line: keys the label does not spell
+    out (LABELLED_KEYS) whenever they vary in the figure, and any key that tells apart two lines of the same label.
+    Lines follow the logs' `run_index` (the run's position in its preset, written by the toy scripts), so that legends
+    follow the paper's run order, not file names (where 'lr0.282_div1.5' sorts before 'lr0.282_div4.8'); labels
+    without a run_index (deep nets) keep the order they first appear in (logs arrive sorted by path), after the
+    indexed ones; the lines of one label stay together, in order of appearance.
+    """
+    configs = collections.OrderedDict()  # (label, canonical config) -> (experiment config, logs)
     for log in logs:
-        groups.setdefault(log.get("run", "run"), []).append(log)
-    order = sorted(groups, key=lambda label: min(log.get("run_index", float("inf")) for log in groups[label]))
-    return collections.OrderedDict((label, groups[label]) for label in order)
+        config = experiment_config(log)
+        key = (log.get("run", "run"), json.dumps(config, sort_keys=True))
+        configs.setdefault(key, (config, []))[1].append(log)
+    labels = list(collections.OrderedDict.fromkeys(label for label, _ in configs))
+    rank = {label: (min(log.get("run_index", float("inf")) for log in logs if log.get("run", "run") == label),
+                    labels.index(label)) for label in labels}
+    groups = sorted(configs, key=lambda key: rank[key[0]])  # stable: config groups keep their order of appearance
+
+    # config keys in order of first appearance; a key varies when two groups hold different values (missing = off)
+    keys = list(collections.OrderedDict.fromkeys(key for config, _ in configs.values() for key in config))
+
+    def varying(cohort):
+        return {key for key in keys if len({json.dumps(configs[group][0].get(key)) for group in cohort}) > 1}
+
+    unlabelled = varying(groups) - LABELLED_KEYS
+    lines = []
+    for group in groups:
+        label, (config, members) = group[0], configs[group]
+        shown = unlabelled | varying([other for other in groups if other[0] == label])
+        if shown:
+            raw = members[0].get("config", {})
+            label += " (" + ", ".join(f"{key.replace('_', '-')} {_shown_value(raw.get(key))}"
+                                      for key in keys if key in shown) + ")"
+        finished = [log for log in members if log.get("status") not in UNFINISHED]
+        if finished:
+            lines.append(Line(label, finished, False))
+        for log in members:
+            if log.get("status") in UNFINISHED:
+                seed = "" if log.get("seed") is None else f"seed {log['seed']}, "
+                lines.append(Line(f"{label} ({seed}{log['status']}; {_progress(log)})", [log], True))
+    return lines
+
+
+def common_config(logs, key, missing=None):
+    """The value of config[key] shared by all logs, or `missing` when the logs disagree (the legend then names it)."""
+    values = {json.dumps(log.get("config", {}).get(key), sort_keys=True) for log in logs}
+    return logs[0].get("config", {}).get(key) if len(values) == 1 else missing
 
 
 def metric_series(logs, metric, x_key="iter"):
@@ -103,6 +219,20 @@ def save_figure(fig, out_dir, name):
     return path
 
 
+class PlainLogFormatter(matplotlib.ticker.LogFormatter):
+    """Log-axis tick labels as plain numbers (0.01, 2, 10 instead of 1e-02, 2×10^0), on the ticks LogFormatter
+    chooses to label (its minor ticks too, when a panel spans less than a decade)."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def draw_decay_lines(ax, positions, color):
+    """Dashed vertical lines at a run's step-size decays (in the panel's x units), in the run's colour."""
+    for x in positions:
+        ax.axvline(x, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+
+
 # ======================================================================================================================
 # Figure drawers, one per script. Each takes (experiment name, its logs, out_dir) and returns the PNG paths it wrote.
 # ======================================================================================================================
@@ -113,32 +243,114 @@ DRAWERS = {}
 # ------------------------------------------------------------------------------------------ deep nets (E7–E10) -----
 
 
+# Top row of a deep-net figure: (metric key, title, scale, log-scale y); the second row has one panel per block.
+DEEP_NET_PANELS = [("lr", "step size η (log scale)", 1, True), ("train_loss", "train loss (log scale)", 1, True),
+                   ("train_error", "train error (%)", 100, False), ("test_error", "test error (%)", 100, False)]
+
+
+def deep_decay_epochs(config):
+    """Epochs at which a piecewise schedule divides its step size (utils.deep_step_size): ÷10 at T·E, ÷100 at 0.9·E."""
+    if config.get("lr_schedule") != "piecewise":
+        return []
+    return [config["large_lr_frac"] * config["epochs"], 0.9 * config["epochs"]]
+
+
+def _deep_step_size_curve(ax, line, color, style):
+    """The step size of every SGD step of a line, from its config through utils.deep_step_size (the function the
+    training scripts call before each step, so the curve cannot drift from the trainer), up to the last iteration its
+    seeds logged; the step sizes the logs recorded at their evaluations are drawn on it as dots, a visible check."""
+    config = line.logs[0]["config"]
+    longest = max(line.logs, key=lambda log: log["history"][-1]["iter"] if log["history"] else -1)
+    logged = [(rec["epoch"], rec["lr"]) for rec in longest["history"] if rec.get("lr") is not None]
+    if config.get("steps_per_epoch") and longest["history"]:
+        steps = np.arange(longest["history"][-1]["iter"] + 1)
+        epochs = steps / config["steps_per_epoch"]
+        lrs = [utils.deep_step_size(epoch, config["epochs"], config["lr"], config["lr_schedule"],
+                                    config["warmup_exp"], config["large_lr_frac"]) for epoch in epochs]
+        ax.plot(epochs, lrs, color=color, drawstyle="steps-post", **style)
+    if logged:
+        ax.plot(*zip(*logged), color=color, linestyle="none", marker=".", markersize=4)
+
+
+def _deep_net_title(experiment, script, logs):
+    """The configuration shared by all runs of the figure; a key on which they disagree is left out here and named
+    in the legend instead (plot_lines)."""
+    mixed = object()
+
+    def common(key):
+        return common_config(logs, key, mixed)
+
+    if script == "train_densenet":
+        depth, growth = common("depth"), common("growth_rate")
+        model = "DenseNet-BC" + (f"-{depth}" if depth is not mixed else "")
+        model += f" (growth rate {growth})" if growth is not mixed else ""
+    else:
+        width = common("width")
+        model = "ResNet-18" + (f" (width {width})" if width is not mixed else "")
+    parts = [model]
+    dataset = common("dataset")
+    if dataset is not mixed:
+        parts.append(utils.IMAGE_SOURCES.get(dataset, {}).get("title", dataset))
+    for key, text in [("n_train", "{:,} training images"), ("batch_size", "batch {}"), ("epochs", "{} epochs")]:
+        value = common(key)
+        if value is not mixed:
+            parts.append(text.format(value).replace(",", " "))
+    extras = [("momentum", "momentum {:g}"), ("weight_decay", "weight decay {:g}"), ("augment", "augmentation")]
+    values = {key: common(key) for key, _ in extras}
+    if all(value is not mixed and _is_off(value) for value in values.values()):
+        parts.append("plain SGD (no momentum, weight decay or augmentation)")
+    parts += [text.format(values[key]) for key, text in extras if values[key] is not mixed and not _is_off(values[key])]
+    notes = "density: solid = de-duplicated, dotted = raw; dashed vertical lines = step-size decays"
+    examples = common("sparsity_examples_used")
+    notes += "; train loss/error in eval mode" + (f" on the first {examples:,} training images".replace(",", " ")
+                                                   if examples is not mixed and examples else "")
+    return f"{experiment}: {', '.join(parts)}\n{notes}"
+
+
 def draw_deep_net(experiment, logs, out_dir):
-    """Figure 1 of the paper for one model × data set: train loss, test error and, per block, the feature sparsity
-    (de-duplicated density solid, raw density dashed) against epochs, one colour per run."""
-    blocks = logs[0]["config"].get("blocks", [])
-    panels = [("train_loss", "train loss", True), ("test_error", "test error (%)", False)]
-    panels += [(block, f"{block}: feature density (%)", False) for block in blocks]
-    n_cols = min(4, len(panels))
-    n_rows = -(-len(panels) // n_cols)
-    fig, axes = new_figure(n_rows, n_cols, (4 * n_cols, 3.2 * n_rows))
-    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+    """Figure 1 of the paper for one model × data set, against epochs, one colour per line: step size, train loss,
+    train error, test error, and per block the feature density (de-duplicated solid, raw dotted); dashed vertical
+    lines at each line's step-size decays on every panel; the configuration in the title, what differs between
+    lines in the legend."""
+    blocks = list(collections.OrderedDict.fromkeys(block for log in logs for block in log["config"].get("blocks", [])))
+    n_cols = max(len(DEEP_NET_PANELS), len(blocks))
+    fig, axes = new_figure(2, n_cols, (3.6 * n_cols, 6.4))
+    panels = [(axes[0, col], *panel) for col, panel in enumerate(DEEP_NET_PANELS)]
+    panels += [(axes[1, col], block, f"{block}: feature density (%)", 100, False) for col, block in enumerate(blocks)]
+    handles = []
+    lines = plot_lines(logs)
+    for color_index, line in enumerate(lines):
         color = f"C{color_index % 10}"
-        for ax, (key, title, log_scale) in zip(axes.flat, panels):
-            if key in blocks:
-                plot_metric(ax, runs, f"density_dedup_{key}", label, "epoch", color, scale=100)
-                plot_metric(ax, runs, f"density_{key}", None, "epoch", color, scale=100, linestyle="--", alpha=0.6)
+        style = dict(UNFINISHED_STYLE) if line.unfinished else {}
+        seeds = f" ({len(line.logs)} seeds)" if len(line.logs) > 1 else ""
+        handles.append(matplotlib.lines.Line2D([], [], color=color, label=line.label + seeds, **style))
+        for ax, key, title, scale, log_scale in panels:
+            if key == "lr":
+                _deep_step_size_curve(ax, line, color, style)
+            elif key in blocks:
+                plot_metric(ax, line.logs, f"density_dedup_{key}", None, "epoch", color, scale, **style)
+                plot_metric(ax, line.logs, f"density_{key}", None, "epoch", color, scale,
+                            **dict(style, linestyle=":", alpha=0.7))
             else:
-                plot_metric(ax, runs, key, label, "epoch", color, scale=100 if key == "test_error" else 1)
-            ax.set_title(title)
+                plot_metric(ax, line.logs, key, None, "epoch", color, scale, **style)
+            draw_decay_lines(ax, deep_decay_epochs(line.logs[0]["config"]), color)
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
             if log_scale:
                 ax.set_yscale("log")
-    for ax in list(axes.flat)[len(panels):]:
+                # plain numbers (0.01, 2, 10), also on the minor ticks matplotlib labels when a panel spans less
+                # than a decade, instead of 10^-2 and 2×10^0
+                ax.yaxis.set_major_formatter(PlainLogFormatter())
+                ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+    for ax in axes.flat[len(DEEP_NET_PANELS):n_cols]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{experiment} (solid: de-duplicated density, dashed: raw density)")
-    fig.tight_layout()
+    for ax in axes[1, len(blocks):]:
+        ax.axis("off")
+    n_legend_cols = min(2, len(handles))
+    fig.legend(handles=handles, loc="lower center", ncol=n_legend_cols, fontsize=8)
+    fig.suptitle(_deep_net_title(experiment, logs[0]["script"], logs), fontsize=10)
+    legend_rows = -(-len(handles) // n_legend_cols)
+    fig.tight_layout(rect=(0, 0.012 + 0.032 * legend_rows, 1, 1))  # room for the legend rows below the panels
     return [save_figure(fig, out_dir, experiment)]
 
 
@@ -161,30 +373,31 @@ RELU_TOY_PANELS = {
 }
 
 
-def _toy_decay_line(ax, runs, color):
-    """Dashed vertical line at the run's last large-step iteration ⌊T·N⌋, logged by both toy scripts as
+def toy_decay_iterations(config):
+    """The decay point of a toy run: its last large-step iteration ⌊T·N⌋, logged by both toy scripts as
     config.decay_iter (none for constant runs)."""
-    decay_iter = runs[0]["config"].get("decay_iter")
-    if decay_iter is not None:
-        ax.axvline(decay_iter, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+    return [] if config.get("decay_iter") is None else [config["decay_iter"]]
 
 
 # Line style of a run whose seeds ALL diverged (both toy drawers): dash-dot, with an × at the last finite evaluation.
 TOY_ALL_DIVERGED_STYLE = {"linestyle": "-.", "marker": "x", "markevery": [-1]}
 
 
-def _toy_seeds_to_draw(label, runs):
+def _toy_seeds_to_draw(line):
     """How both toy drawers treat diverged seeds (large-step runs sit at the edge of divergence): returns
-    (legend label, logs to draw, extra line style).
+    (legend label, logs to draw, extra line style) of a Line.
 
     Diverged seeds stay out of the median and the min–max band (their blow-up would stretch the band over tens of
     decades) and are counted in the label instead, '[3/16 diverged]'. A run whose seeds all diverged is drawn from
-    those seeds, up to their divergence, in TOY_ALL_DIVERGED_STYLE, so it cannot be mistaken for a surviving run.
+    those seeds, up to their divergence, in TOY_ALL_DIVERGED_STYLE, so it cannot be mistaken for a surviving run;
+    an unfinished run (a line of its own) in UNFINISHED_STYLE.
     """
+    label, runs = line.label, line.logs
     kept = [log for log in runs if log["status"] != "diverged"]
     if len(kept) < len(runs):
         label = f"{label} [{len(runs) - len(kept)}/{len(runs)} diverged]"
-    return label, kept or runs, {} if kept else dict(TOY_ALL_DIVERGED_STYLE)
+    style = dict(UNFINISHED_STYLE) if line.unfinished else {} if kept else dict(TOY_ALL_DIVERGED_STYLE)
+    return label, kept or runs, style
 
 
 def _relu_learned_function(ax, runs, label, color):
@@ -205,9 +418,9 @@ def draw_relu_toy(experiment, logs, out_dir):
     preset = logs[0]["config"]["preset"]
     panels = RELU_TOY_PANELS[preset]
     fig, axes = new_figure(1, len(panels), (3.9 * len(panels), 3.4))
-    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+    for color_index, line in enumerate(plot_lines(logs)):
         color = f"C{color_index % 10}"
-        label, drawn, style = _toy_seeds_to_draw(label, runs)
+        label, drawn, style = _toy_seeds_to_draw(line)
         for ax, (key, title, log_scale) in zip(axes.flat, panels):
             ax.set_title(title, fontsize=10)
             if key == "function":
@@ -220,7 +433,7 @@ def draw_relu_toy(experiment, logs, out_dir):
                 plot_metric(ax, drawn, key, None, color=color, scale=100, **dict(style, linestyle=":", alpha=0.7))
             else:
                 plot_metric(ax, drawn, key, label, color=color, **style)
-            _toy_decay_line(ax, runs, color)
+            draw_decay_lines(ax, toy_decay_iterations(line.logs[0]["config"]), color)
             ax.set_xlabel("iteration")
             if log_scale:
                 ax.set_yscale("log")
@@ -229,7 +442,7 @@ def draw_relu_toy(experiment, logs, out_dir):
                  fontsize=10)
     fig.tight_layout()
     written = [save_figure(fig, out_dir, experiment)]
-    if preset == "e5" and logs[0]["config"]["input_dim"] == 2:  # the neuron picture is the input plane (d = 2)
+    if preset == "e5" and common_config(logs, "input_dim") == 2:  # the neuron picture is the input plane (d = 2)
         written.append(draw_neuron_movement(experiment, logs, out_dir))
     return written
 
@@ -255,14 +468,14 @@ def _neuron_panel(ax, neurons):
 
 
 def draw_neuron_movement(experiment, logs, out_dir):
-    """E5 neuron movement: one panel per run, from its lowest seed that has neuron data (diverged seeds
-    have none)."""
-    groups = runs_by_label(logs)
-    fig, axes = new_figure(1, len(groups), (3.6 * len(groups), 3.9))
-    for ax, (label, runs) in zip(axes.flat, groups.items()):
-        with_data = [log for log in runs if log.get("neurons")] or runs
+    """E5 neuron movement: one panel per line (plot_lines), from its lowest seed that has neuron data (diverged
+    seeds have none)."""
+    lines = plot_lines(logs)
+    fig, axes = new_figure(1, len(lines), (3.6 * len(lines), 3.9))
+    for ax, line in zip(axes.flat, lines):
+        with_data = [log for log in line.logs if log.get("neurons")] or line.logs
         log = min(with_data, key=lambda item: item.get("seed", 0))
-        ax.set_title(f"{label}\nseed {log.get('seed')}", fontsize=9)
+        ax.set_title(f"{line.label}\nseed {log.get('seed')}", fontsize=9)
         if log.get("neurons"):
             _neuron_panel(ax, log["neurons"])
         else:
@@ -295,21 +508,21 @@ def _diag_net_curves(experiment, logs, out_dir, name):
     """E1/E2 panels: train and test loss (log scale), rank of φ(X), ‖β‖₀ against iterations; one colour
     per run, median and min–max band over its non-diverged seeds, dashed lines at the decay iterations ⌊T·N⌋."""
     fig, axes = new_figure(1, len(DIAG_NET_PANELS), (3.9 * len(DIAG_NET_PANELS), 3.4))
-    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+    for color_index, line in enumerate(plot_lines(logs)):
         color = f"C{color_index % 10}"
-        label, drawn, style = _toy_seeds_to_draw(label, runs)
+        label, drawn, style = _toy_seeds_to_draw(line)
         for ax, (key, title, log_scale) in zip(axes[0], DIAG_NET_PANELS):
             plot_metric(ax, drawn, key, label, color=color, **style)
-            _toy_decay_line(ax, runs, color)
+            draw_decay_lines(ax, toy_decay_iterations(line.logs[0]["config"]), color)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
             if log_scale:
                 ax.set_yscale("log")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
-    config = logs[0]["config"]
-    fig.suptitle(f"{experiment}: diagonal linear net, n = {config['n_train']}, d = {config['input_dim']}, "
-                 f"r = {config['support_size']}; dashed lines = decay points", fontsize=10)
+    sizes = [f"{symbol} = {common_config(logs, key)}" for symbol, key in
+             [("n", "n_train"), ("d", "input_dim"), ("r", "support_size")] if common_config(logs, key) is not None]
+    fig.suptitle(f"{experiment}: diagonal linear net, {', '.join(sizes)}; dashed lines = decay points", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 3), 1, 1))  # room for the legend rows below the panels
     return save_figure(fig, out_dir, name)
 
@@ -326,7 +539,8 @@ def _diag_net_surface_panel(ax, surface, logs, key, title):
     colorbar = ax.figure.colorbar(filled, ax=ax, shrink=0.9)
     colorbar.set_ticks(10.0 ** np.arange(np.ceil(np.log10(floor)), np.log10(DIAG_NET_LOSS_CLIP) + 1))
     colorbar.set_ticklabels([f"1e{k:.0f}" for k in np.log10(colorbar.get_ticks())])
-    for color_index, (label, runs) in enumerate(runs_by_label(logs).items()):
+    for color_index, line in enumerate(plot_lines(logs)):
+        label, runs = line.label, line.logs
         # a run ending at a sign-flipped copy of w* (still u⊙v = θ*) ends off this plane: say so in the legend
         flipped = sum(bool(log.get("end_state") and log["end_state"]["negative_support_coords"]) for log in runs)
         if flipped:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import utils
 from conftest import (FAKE_CIFAR_PER_BATCH, FAKE_CIFAR_TEST, FAKE_TINY_COLOURS, FAKE_TINY_TRAIN, FAKE_TINY_VAL_LABELS,
-                      FAKE_TINY_WNIDS, SHARED_DATA, read_pickle)
+                      FAKE_TINY_WNIDS, SHARED_DATA, CreatesFileWhenUnpickled, read_pickle)
 
 # ======================================================================================================================
 # Step-size schedules
@@ -29,6 +29,16 @@ def test_toy_step_sizes_single_decay_after_floor_t_n():
     assert utils.toy_step_sizes(5, 0.25).tolist() == [0.25] * 5
     e1 = utils.toy_step_sizes(100001, 0.282, large_lr_frac=0.1, decay=4.8)
     assert e1[10000] == 0.282 and e1[10001] == pytest.approx(0.282 / 4.8)
+
+
+def test_toy_step_sizes_decay_before_iteration_k_as_in_the_relu_notebooks():
+    lrs = utils.toy_step_sizes(10, 0.5, large_lr_frac=0.3, decay=4.0, decay_includes_k=True)
+    assert lrs.tolist() == [0.5] * 3 + [0.125] * 7  # iteration ⌊3.0⌋ = 3 already takes η / 4
+    # with a warmup, iteration k takes the warmed-up value of k divided by D: (1 + 2·(3/10)) / 4
+    warm = utils.toy_step_sizes(10, 1.0, large_lr_frac=0.3, decay=4.0, warmup_factor=3.0, decay_includes_k=True)
+    assert warm[:3].tolist() == pytest.approx([1.0, 1.2, 1.4]) and warm[3:].tolist() == pytest.approx([0.4] * 7)
+    e5 = utils.toy_step_sizes(14126, 0.455, large_lr_frac=0.1, decay=2.0, decay_includes_k=True)
+    assert e5[1411] == 0.455 and e5[1412] == 0.2275  # ⌊0.1·14126⌋ = 1412
 
 
 def test_toy_step_sizes_warmup_divides_by_total_iterations():
@@ -260,10 +270,58 @@ def test_seed_summary_by_hand():
               {"iter": 90, "lr": 0.1, "train_loss": 4.0, "rank": 6}, {"iter": 90, "lr": 0.1, "train_loss": 2.0}]
     summary = utils.seed_summary([7, 8, 9, 10], ["completed", "diverged", "completed", "completed"], finals)
     # seed 8 diverged; medians over seeds 7, 9, 10: train median(1, 4, 2) = 2, rank only where logged: median(3, 6)
+    ci90 = summary.pop("median_ci90")
     assert summary == {"seeds": [7, 8, 9, 10], "diverged_seeds": [8], "fraction_diverged": 0.25,
                        "median_final": {"train_loss": 2.0, "rank": 4.5}, "final_iter": 90}
+    assert ci90 == {"train_loss": utils.median_ci90([1.0, 4.0, 2.0]), "rank": utils.median_ci90([3, 6])}
     none_left = utils.seed_summary([None], ["diverged"], [{"iter": 3, "train_loss": None}])
     assert none_left["median_final"] is None and none_left["final_iter"] is None and none_left["fraction_diverged"] == 1
+    assert none_left["median_ci90"] is None
+
+
+def test_median_ci90_bootstrap_by_hand():
+    assert utils.median_ci90([5.0, 5.0, 5.0]) == [5.0, 5.0]
+    assert utils.median_ci90([7.0]) == [7.0, 7.0]
+    # two values: a resample's median is 1 (both draws 1, p = 1/4), 1.5 (p = 1/2) or 2 (p = 1/4), so the 5th and
+    # 95th percentiles of 2 000 resampled medians are 1 and 2
+    assert utils.median_ci90([1.0, 2.0]) == [1.0, 2.0]
+    values = list(np.random.default_rng(3).standard_normal(31))
+    lower, upper = utils.median_ci90(values)
+    assert lower < np.median(values) < upper and utils.median_ci90(values) == [lower, upper]  # fixed resampling seed
+    # the interval of a median over 31 N(0,1) values is about ±1.645·1.2533/√31 = ±0.37 wide
+    assert 0.4 < upper - lower < 1.1
+    assert utils.median_ci90(values, seed=1) != [lower, upper]
+
+
+def test_later_decay_wins_pairs_completed_seeds_only():
+    earlier = {1: ("completed", {"test_loss": 3.0}), 2: ("completed", {"test_loss": 1.0}),
+               3: ("diverged", {"test_loss": None}), 4: ("completed", {"test_loss": 5.0})}
+    later = {1: ("completed", {"test_loss": 2.0}), 2: ("completed", {"test_loss": 4.0}),
+             3: ("completed", {"test_loss": 0.1}), 4: ("diverged", {"test_loss": None})}
+    # pairs: seeds 1 (3 -> 2, a win) and 2 (1 -> 4, a loss); seed 3 and 4 diverged in one of the runs
+    assert utils.later_decay_wins(earlier, later, "test_loss") == {"metric": "test_loss", "wins": 1, "pairs": 2,
+                                                                     "fraction": 0.5}
+    assert utils.later_decay_wins({}, later, "test_loss")["fraction"] is None
+
+
+def test_jitter_factors_are_relative_reproducible_and_their_own_stream():
+    state = np.random.get_state()
+    first, second = utils.jitter_factors([(3, 4), (5,)], 1e-7, seed=2)
+    assert first.shape == (3, 4) and second.shape == (5,)
+    assert np.all(np.abs(first - 1) < 1e-6) and np.any(first != 1)
+    again = utils.jitter_factors([(3, 4), (5,)], 1e-7, seed=2)
+    assert np.array_equal(again[0], first) and np.array_equal(again[1], second)
+    assert not np.array_equal(utils.jitter_factors([(3, 4)], 1e-7, seed=3)[0], first)
+    assert np.array_equal(utils.jitter_factors([(3, 4)], 0.0, seed=2)[0], np.ones((3, 4)))
+    assert all(np.array_equal(a, b) for a, b in zip(state, np.random.get_state()))  # global numpy untouched
+
+
+def test_resolve_preset_names_a_chaos_measurement_apart():
+    preset = {**TOY_PRESET, "init_jitter": 0.0, "data_seed": 1}
+    assert utils.resolve_preset("e9", preset, {"init_jitter": 1e-7, "data_seed": 1, "seeds": [1, 2]},
+                                TOY_PER_RUN)[2] == "e9_jitter"
+    assert utils.resolve_preset("e9", preset, {"data_seed": 2}, TOY_PER_RUN)[2] == "e9_custom"  # no jitter
+    assert utils.resolve_preset("e9", preset, {"init_jitter": 1e-7, "lr": [0.1]}, TOY_PER_RUN)[2] == "e9_custom"
 
 
 def test_resolve_preset_broadcasts_one_value_and_takes_one_per_run():
@@ -725,3 +783,70 @@ def test_evaluate_classifier_reports_losses_errors_and_three_densities_per_block
         utils.feature_sparsity(hidden, 0.95, max_neurons=20, seed=0))  # the 20 sampled ones
     assert model.training
 
+
+def test_read_checkpoint_loads_what_save_checkpoint_wrote_and_refuses_pickled_objects_and_unreadable_files(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # a momentum buffer in the optimizer state
+    path = str(tmp_path / "run.pt")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 7, "window_loss": 1.5,
+             "window_steps": 2, "elapsed": 3.0, "args": {"lr": 0.1, "n_train": None, "dataset": "synthetic"},
+             "torch_rng": torch.get_rng_state()}
+    utils.save_checkpoint(path, **state)
+    loaded = utils.read_checkpoint(path)
+    assert torch.equal(loaded["torch_rng"], state["torch_rng"]) and loaded["args"] == state["args"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"],
+                       state["optimizer"]["state"][0]["momentum_buffer"])
+
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "note": CreatesFileWhenUnpickled(marker)}, path)
+    with pytest.raises(utils.CheckpointError, match=r"pickled Python object \(io\.open\); refusing"):
+        utils.read_checkpoint(path)
+    assert not marker.exists()  # refused before anything in the file ran
+
+    torch.save({"model": model.state_dict()}, path)
+    with pytest.raises(utils.CheckpointError, match="not a checkpoint of train_resnet.py or train_densenet.py"):
+        utils.read_checkpoint(path)
+    for content in (b"", b"plain text", open(path, "rb").read()[:200]):  # empty, not torch, truncated
+        with open(path, "wb") as f:
+            f.write(content)
+        with pytest.raises(utils.CheckpointError, match="not a (readable )?torch checkpoint"):
+            utils.read_checkpoint(path)
+    with pytest.raises(utils.CheckpointError, match="cannot read"):
+        utils.read_checkpoint(str(tmp_path))  # a folder
+
+
+def test_check_earlier_run_refuses_to_overwrite_a_run_unless_told_to_resume_or_restart(tmp_path, capsys):
+    log_path, checkpoint_path = str(tmp_path / "run.json"), str(tmp_path / "run.pt")
+
+    def check(resume=False, restart=False):
+        """The exit code and stderr of utils.check_earlier_run (None and '' if it lets the run start)."""
+        try:
+            utils.check_earlier_run(argparse.Namespace(resume=resume, restart=restart), log_path, checkpoint_path)
+        except SystemExit as stop:
+            return stop.code, capsys.readouterr().err
+        return None, capsys.readouterr().err
+
+    def write(status, checkpoint):
+        utils.write_json_atomic(log_path, {"status": status, "history": []})
+        if checkpoint:
+            utils.save_checkpoint(checkpoint_path, step=2)
+
+    assert check() == (None, "")  # a new run
+    write("interrupted", checkpoint=True)
+    code, err = check()
+    assert code == 2 and err.count("\n") == 1 and "argument --resume:" in err and "--restart" in err
+    assert "(log status: interrupted)" in err and os.path.exists(log_path) and os.path.exists(checkpoint_path)
+    assert check(resume=True) == (None, "") and os.path.exists(checkpoint_path)
+    assert check(restart=True) == (None, "")
+    assert not os.path.exists(log_path) and not os.path.exists(checkpoint_path)
+    for status in ("completed", "diverged"):  # a finished run is refused too, with or without its checkpoint
+        for checkpoint in (True, False):
+            write(status, checkpoint)
+            code, err = check()
+            assert code == 2 and f"argument --restart: this run has already ended ({status};" in err
+            check(restart=True)
+    write("failed", checkpoint=False)  # crashed before its first checkpoint: nothing to resume
+    code, err = check()
+    assert code == 2 and "argument --restart:" in err and "no checkpoint to resume from" in err

@@ -9,8 +9,9 @@ SGD, batch 256, and the same family of step-size schedules as train_resnet.py.
     python train_densenet.py --dataset tinyimagenet ...                                          # 64×64, 200 classes
     python plots.py --logs runs/train_densenet --out-dir figures    # figures/densenet100-12_<dataset>.png
 
-Each run writes one JSON log and one checkpoint into --out-dir (add --download the first time). Measured results and
-run times are in the README, next to the commands and logs they come from.
+Each run writes one JSON log and one checkpoint into --out-dir (add --download the first time); the same command again
+finds them and stops: add --resume to continue, --restart to start over. Measured results and run times are in the
+README, next to the commands and logs they come from.
 
 Reading order: flags, then main(): device and data, model and optimizer, log (or resume), then the training loop —
 the same loop as train_resnet.py, repeated on purpose so that each script is a complete experiment to read and copy.
@@ -189,8 +190,15 @@ def build_parser():
                      help="auto = CUDA if available, else MPS, else CPU")
     run.add_argument("--out-dir", default=os.path.join("runs", SCRIPT),
                      help="folder for the JSON log and the checkpoint of this run")
-    run.add_argument("--resume", action="store_true",
-                     help="continue this run (same flags) from its last checkpoint in --out-dir")
+    # a run whose log or checkpoint is already in --out-dir is refused without one of these (utils.check_earlier_run)
+    earlier = run.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true",
+                         help="continue this run (same flags) from its last checkpoint in --out-dir; on a completed "
+                              "run it only reports that the run is complete")
+    earlier.add_argument("--restart", action="store_true",
+                         help="start this run over from iteration 0, deleting its log and checkpoint in --out-dir. "
+                              "Without --resume or --restart, a run whose log or checkpoint is already there "
+                              "(stopped, crashed, completed or diverged) is refused, never overwritten")
     run.add_argument("--stop-at-epoch", type=utils.positive_int, default=None,
                      help="checkpoint and stop after this many epochs (e.g. to fit a job time limit); "
                           "continue later with --resume")
@@ -246,6 +254,7 @@ def main(argv=None):
     path = os.path.join(args.out_dir, utils.run_name(args, experiment, depth=args.depth, k=args.growth_rate))
     log_path, checkpoint_path = path + ".json", path + ".pt"
     step, window_loss, window_steps, elapsed_before, history = 0, 0.0, 0, 0.0, []
+    utils.check_earlier_run(args, log_path, checkpoint_path)
     if args.resume:
         state = utils.load_checkpoint(checkpoint_path, args, device)
         model.load_state_dict(state["model"])
@@ -256,7 +265,7 @@ def main(argv=None):
         if stop_step <= step < total_steps:
             utils.usage_error("--stop-at-epoch", f"the checkpoint is at epoch {step / steps_per_epoch:.2f} already; "
                                                  "give a later epoch, or none to train to the end")
-    config = {key: value for key, value in vars(args).items() if key != "resume"}
+    config = {key: value for key, value in vars(args).items() if key not in ("resume", "restart")}
     config.update(n_train=n_train, n_test=len(data.test_labels), num_classes=data.num_classes,
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision_used=precision,
                   sparsity_examples_used=min(args.sparsity_examples, n_train), blocks=list(blocks))

@@ -32,6 +32,7 @@ Definitions the code follows:
     initial weights layer by layer (weights, then biases), then the N SGD indices: all runs of one seed share them.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -44,6 +45,7 @@ import utils
 
 SCRIPT = "two_layer_relu"
 PROGRESS_EVERY_S = 10.0  # progress line period on long runs
+DENSE_EVALS = 100  # every iteration 0..99 is evaluated too, as in the notebooks
 
 # ======================================================================================================================
 # Presets and flags
@@ -52,18 +54,20 @@ PROGRESS_EVERY_S = 10.0  # progress line period on long runs
 # One value for every run, or one value per run. A constant run is T = 1, D = 1, F = 1.
 PER_RUN = ("lr", "large_lr_frac", "decay", "warmup_factor", "warmup_power")
 PRESETS = {
-    # E4 (appendix): 12 fixed points, 100 neurons with first-layer biases, base η = 2e-4, linear warmup of factor
-    # F = 400·T, (T, D) = (0.02, 2.5) vs (0.5, 3.0); test set = training set.
-    "e4": dict(seeds=[3], iterations=31623, eval_points=250, width=100, init_scale=2.5, init_scale_bias=2.5,
-               init_scale_out=4.0, lr=[2e-4], large_lr_frac=[0.02, 0.5], decay=[2.5, 3.0], warmup_factor=[8.0, 200.0],
+    # E4 (appendix; notebook fc_nets_1d_regression.ipynb): 12 fixed points, 100 neurons with first-layer biases, base
+    # η = 2e-4, linear warmup of factor F = 400·T, (T, D) = (0.02, 2.5) vs (0.5, 3.0); test set = training set.
+    "e4": dict(seeds=[3], student_seed=None, init_jitter=0.0, dtype="float32", iterations=31623, eval_points=151,
+               width=100, init_scale=2.5, init_scale_bias=2.5, init_scale_out=4.0, lr=[2e-4], large_lr_frac=[0.02, 0.5], decay=[2.5, 3.0], warmup_factor=[8.0, 200.0],
                warmup_power=[1.0], tau=0.999, rank_eps=1e-4, rank_points=300, grid_points=500),
-    # E5 (main text): d = 2, n = 15, 3 teacher neurons, 20 student neurons, no biases, W1 = 0.5·N(0,1), a = 0.
-    "e5": dict(seeds=[0], iterations=14126, eval_points=250, data_seed=1, input_dim=2, n_train=15, n_test=1000,
+    # E5 (main text; notebook fc_nets_two_layer.ipynb): d = 2, n = 15, 3 teacher neurons, 20 student neurons, no biases, W1 = 0.5·N(0,1), a = 0.
+    "e5": dict(seeds=[0], data_seed=None, student_seed=None, init_jitter=0.0, dtype="float32", iterations=14126,
+               eval_points=151, input_dim=2, n_train=15, n_test=1000,
                teacher_width=3, width=20, init_scale=0.5, init_scale_out=0.0, lr=[0.13, 0.455, 0.455, 0.455],
                large_lr_frac=[1.0, 0.1, 0.3, 0.5], decay=[1.0, 2.0, 4.0, 5.0], warmup_factor=[1.0],
                warmup_power=[1.0], tau=0.99, rank_eps=1e-4, rank_points=None),
-    # E6 (appendix): d = 5, n = 50, teacher 5→2→2→1, student 5→10→10→1 (all with biases), weights 0.8·N(0,1).
-    "e6": dict(seeds=[5], iterations=10001, eval_points=250, data_seed=6, input_dim=5, n_train=50, n_test=1000,
+    # E6 (appendix; notebook fc_nets_multi_layer.ipynb): d = 5, n = 50, teacher 5→2→2→1, student 5→10→10→1 (all with biases), weights 0.8·N(0,1).
+    "e6": dict(seeds=[5], data_seed=None, student_seed=None, init_jitter=0.0, dtype="float32", iterations=10001,
+               eval_points=151, input_dim=5, n_train=50, n_test=1000,
                teacher_width=2, width=10, init_scale=0.8, init_scale_out=0.8, lr=[0.011, 0.04, 0.04, 0.04],
                large_lr_frac=[1.0, 0.1, 0.3, 0.5], decay=[1.0, 3.5, 2.5, 5.0], warmup_factor=[1.0, 6.0, 6.0, 6.0],
                warmup_power=[1.0, 0.5, 0.5, 0.5], tau=0.99, rank_eps=1e-4, rank_points=None),
@@ -85,11 +89,18 @@ def build_parser():
          type=utils.positive_float)
     knob("--warmup-power", "p: warmup power, per run", nargs="+", type=utils.positive_float)
     knob("--iterations", "N: SGD steps per run", type=utils.positive_int)
-    knob("--eval-points", "K: evaluate before iterations round(linspace(0, N, K))[:-1] (K ≥ 2)",
+    knob("--eval-points", "K: evaluate before iterations {0..99} ∪ round(linspace(0, N, K))[:-1] (K ≥ 2)",
          type=eval_points_type)
-    knob("--seeds", "student init + SGD order seeds, one full set of runs per seed", nargs="+",
+    knob("--seeds", "one full set of runs per seed s: data and teacher from seed s + 1, student init and SGD order "
+                    "from seed s (the notebooks' meaning)", nargs="+", type=utils.nonnegative_int)
+    knob("--data-seed", "hold the data and the teacher at this seed while --seeds vary (auto: s + 1)",
          type=utils.nonnegative_int)
-    knob("--data-seed", "seed of the teacher and the data", type=utils.nonnegative_int)
+    knob("--student-seed", "hold the student init and the SGD order at this seed while --seeds vary (auto: s)",
+         type=utils.nonnegative_int)
+    knob("--init-jitter", "ε: multiply every initial weight by (1 + ε·N(0,1)), drawn from the seed s (0 = off); with "
+                          "--data-seed and --student-seed held, the seeds measure how chaotic a run is",
+         type=utils.nonnegative_float)
+    knob("--dtype", "arithmetic of training and evaluation (the notebooks: float32)", choices=["float32", "float64"])
     knob("--input-dim", "d: input dimension", type=utils.positive_int)
     knob("--n-train", "n: training points", type=utils.positive_int)
     knob("--n-test", "test points", type=utils.positive_int)
@@ -139,44 +150,77 @@ def parse_args(argv=None):
 
 
 def e4_data():
-    """The 12 fixed 1-D points of E4, x_k = (−5.5 + k)/4 + 0.07, y = 0.345 + offsets, as (X: 12×1, y: 12)."""
+    """The 12 fixed 1-D points of E4, x_k = (−5.5 + k)/4 + 0.07, y = 0.345 + offsets, as float32 (X: 12×1, y: 12),
+    computed in float64 and then rounded, as in the notebook."""
     k = np.arange(len(E4_OFFSETS), dtype=np.float64)
-    return ((-5.5 + k) / 4 + 0.07)[:, None], 0.345 + np.array(E4_OFFSETS)
+    x = ((-5.5 + k) / 4 + 0.07)[:, None]
+    return x.astype(np.float32), (0.345 + np.array(E4_OFFSETS)).astype(np.float32)
 
 
 def unit_sphere(rng, n, dim):
-    """n points N(0, I_dim) normalised to unit norm (E5/E6 inputs)."""
-    x = rng.randn(n, dim)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    """n points N(0, I_dim) from the legacy numpy generator `rng` (row by row: the numbers the notebooks' identity-
+    covariance multivariate_normal returns), rounded to float32, then scaled to unit norm in float32 by torch's
+    reduction (numpy's sums in another order: the last bit of some inputs would differ from the notebooks')."""
+    x = torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32))
+    return (x / x.pow(2).sum(1, keepdim=True).pow(0.5)).numpy()
 
 
-def torch_default_bias(rng, fan_in, size):
-    """PyTorch's default nn.Linear bias init, U(−1/√fan_in, 1/√fan_in), drawn from a numpy generator."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return rng.uniform(-bound, bound, size)
+@contextlib.contextmanager
+def torch_seeded(seed):
+    """torch's global generator seeded with `seed` inside the block and restored after it: the notebooks build their
+    models from torch.nn.Linear, whose constructors draw from the global generator (there is no generator argument)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
-def make_problem(preset, config):
-    """Training/test data, Jacobian-rank points, (E4) the plotting grid and (E5/E6) the teacher, as a dict. Teacher
-    layers (W, b): E5 unit-norm neurons, no biases, output signs a*_j = sign(N(0,1)); E6 d→k→k→1, weights N(0,1) and
-    PyTorch-default biases."""
+def linear_layers(sizes, biases):
+    """The torch.nn.Linear layers of an MLP with these widths, float32. Their constructors consume PyTorch's default-
+    initialisation draws (per layer: the weight, then the bias if any), as the notebooks' models do before the custom
+    init replaces some of them; call it inside torch_seeded."""
+    return [torch.nn.Linear(fan_in, fan_out, bias=bias) for fan_in, fan_out, bias in zip(sizes[:-1], sizes[1:], biases)]
+
+
+def as_numpy(layers):
+    """[[W, b]] float32 numpy arrays of torch Linear layers (b None without a bias), for the manual MLP."""
+    return [[layer.weight.detach().numpy().copy(), None if layer.bias is None else layer.bias.detach().numpy().copy()]
+            for layer in layers]
+
+
+def draw_teacher(preset, config, data_seed):
+    """The teacher of E5/E6 as [[W, b]] float32 layers, drawn as the notebooks do: torch seeded with the data seed
+    (after the data), constructors first, then every weight replaced by N(0,1) (randn_like). E5 (no biases): first-
+    layer rows scaled to unit norm, output weights a*_j = sign(·). E6 (biases): d→k→k→1, the biases keep the
+    constructors' default draws U(±1/√fan_in)."""
+    d, k = config["input_dim"], config["teacher_width"]
+    sizes, biases = ([d, k, 1], [False, False]) if preset == "e5" else ([d, k, k, 1], [True, True, True])
+    with torch_seeded(data_seed), torch.no_grad():
+        layers = linear_layers(sizes, biases)
+        for layer in layers:
+            layer.weight.copy_(torch.randn_like(layer.weight))
+        if preset == "e5":
+            first, output = layers
+            first.weight.div_(first.weight.pow(2).sum(1, keepdim=True).sqrt())
+            output.weight.copy_(output.weight.sign())
+    return as_numpy(layers)
+
+
+def make_problem(preset, config, data_seed):
+    """Training/test data, Jacobian-rank points, (E4) the plotting grid and (E5/E6) the teacher, as a dict.
+
+    E5/E6 draw as the notebooks: legacy numpy seeded with `data_seed` draws X, then X_test (unit_sphere); the teacher
+    (draw_teacher) comes after; its labels are computed in float32. E4's data are fixed (e4_data)."""
     if preset == "e4":
         x, y = e4_data()
-        # the rank is measured on 300 points uniform on [min x, max x] (evenly spaced here)
-        rank_x = np.linspace(x.min(), x.max(), config["rank_points"])[:, None]
+        # the rank is measured on 300 points evenly spaced on [min x, max x] (the notebook draws them at random)
+        rank_x = np.linspace(x.min(), x.max(), config["rank_points"], dtype=np.float32)[:, None]
         margin = 0.1 * (x.max() - x.min())
-        grid = np.linspace(x.min() - margin, x.max() + margin, config["grid_points"])[:, None]
+        grid = np.linspace(x.min() - margin, x.max() + margin, config["grid_points"], dtype=np.float32)[:, None]
         return dict(x_train=x, y_train=y, x_test=None, y_test=None, rank_x=rank_x, grid=grid, teacher=None)
-    rng = np.random.RandomState(config["data_seed"])
-    d, k = config["input_dim"], config["teacher_width"]
-    if preset == "e5":
-        w = rng.randn(k, d)
-        teacher = [(w / np.linalg.norm(w, axis=1, keepdims=True), None), (np.sign(rng.randn(1, k)), None)]
-    else:
-        teacher = [(rng.randn(fan_out, fan_in), torch_default_bias(rng, fan_in, fan_out))
-                   for fan_in, fan_out in [(d, k), (k, k), (k, 1)]]
-    x_train = unit_sphere(rng, config["n_train"], d)
-    x_test = unit_sphere(rng, config["n_test"], d)
+    rng = np.random.RandomState(data_seed)
+    x_train = unit_sphere(rng, config["n_train"], config["input_dim"])
+    x_test = unit_sphere(rng, config["n_test"], config["input_dim"])
+    teacher = draw_teacher(preset, config, data_seed)
     y_train, _ = forward(teacher, x_train)
     y_test, _ = forward(teacher, x_test)
     # the rank is measured on the first p = #params test points (resolved in parse_args)
@@ -202,21 +246,41 @@ def n_params(sizes, biases):
                for fan_in, fan_out, bias in zip(sizes[:-1], sizes[1:], biases))
 
 
-def init_student(preset, config, rng):
-    """Student initialisation of E4–E6 as a list of [W, b] layers (b None when the layer has no bias)."""
-    sizes, biases = student_sizes(preset, config), student_biases(preset)
-    layers = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        is_output = index == len(sizes) - 2
-        if preset == "e4" and not is_output:
-            # E4: w_j = ±2.5 with a random sign, b_j = 2.5·N(0,1)
-            weight = config["init_scale"] * rng.choice([-1.0, 1.0], size=(fan_out, fan_in))
-            bias = config["init_scale_bias"] * rng.randn(fan_out)
+def draw_student(preset, config, student_seed):
+    """The student's initial [[W, b]] float32 layers, drawn as the notebooks do: torch seeded with the student seed,
+    constructors first, then the custom init, layer by layer:
+      E4: w_j = ±s (s = --init-scale, sign = 2·round(U[0,1)) − 1), then b = s_b·N(0,1), then a = s_out·N(0,1);
+      E5/E6: every weight s·N(0,1) (s_out for the output layer; E5's a = 0·N(0,1) still consumes its draws), biases
+      keep the constructors' default draws U(±1/√fan_in)."""
+    with torch_seeded(student_seed), torch.no_grad():
+        layers = linear_layers(student_sizes(preset, config), student_biases(preset))
+        if preset == "e4":
+            first, output = layers
+            first.weight.copy_(config["init_scale"] * (2 * torch.round(torch.rand_like(first.weight)) - 1))
+            first.bias.copy_(config["init_scale_bias"] * torch.randn_like(first.bias))
+            output.weight.copy_(config["init_scale_out"] * torch.randn_like(output.weight))
         else:
-            weight = (config["init_scale_out"] if is_output else config["init_scale"]) * rng.randn(fan_out, fan_in)
-            bias = torch_default_bias(rng, fan_in, fan_out) if biases[index] else None
-        layers.append([weight, bias])
-    return layers
+            for index, layer in enumerate(layers):
+                scale = config["init_scale_out"] if index == len(layers) - 1 else config["init_scale"]
+                layer.weight.copy_(scale * torch.randn_like(layer.weight))
+    return as_numpy(layers)
+
+
+def jitter(layers, relative, seed):
+    """Every initial weight and bias multiplied by its factor (1 + relative·ξ) of utils.jitter_factors (--init-jitter),
+    keeping the layers' dtype."""
+    arrays = [array for layer in layers for array in layer if array is not None]
+    factors = iter(utils.jitter_factors([array.shape for array in arrays], relative, seed))
+    return [[None if array is None else (array * next(factors)).astype(array.dtype) for array in layer]
+            for layer in layers]
+
+
+def sgd_indices(n, n_iters, seed):
+    """The notebooks' SGD order: legacy numpy seeded with `seed`, then np.random.choice(n, 1, replace=False) at every
+    step. Without replacement numpy draws a whole permutation of n and keeps its first element, so this stream is not
+    the one np.random.randint(n) gives."""
+    rng = np.random.RandomState(seed)
+    return np.array([rng.choice(n, 1, replace=False)[0] for _ in range(n_iters)])
 
 
 def forward(layers, x):
@@ -319,26 +383,39 @@ def evaluate(layers, problem, config, model):
     if not finite:
         return metrics, False
     load_weights(model, layers)
-    jacobian = utils.model_jacobian(model, torch.from_numpy(problem["rank_x"]))
+    jacobian = utils.model_jacobian(model, torch.from_numpy(problem["rank_x"]).double())
     metrics["rank"] = utils.jacobian_rank(jacobian, config["rank_eps"])
     metrics.update(sparsity_metrics(hidden, config["tau"]))
     return metrics, True
+
+
+def run_seeds(config, seed):
+    """The seeds one --seeds value s stands for: data and teacher from s + 1, student init and SGD order from s (as in
+    the notebooks), unless --data-seed / --student-seed hold them fixed. E4's data are fixed: no data seed."""
+    seeds = {"student_seed": seed if config["student_seed"] is None else config["student_seed"]}
+    if "data_seed" in config:
+        seeds["data_seed"] = seed + 1 if config["data_seed"] is None else config["data_seed"]
+    return seeds
 
 
 def train_run(preset, config, run, seed, problem, log, timing):
     """Batch-size-1 SGD for one run; records every evaluation into `log` and adds the seconds spent in the SGD steps,
     the evaluations and the log writes/progress lines to timing["train_s"/"metrics_s"/"callbacks_s"].
     Returns (status, extra log keys)."""
-    rng = np.random.RandomState(seed)
-    layers = init_student(preset, config, rng)
+    student_seed = run_seeds(config, seed)["student_seed"]
+    layers = draw_student(preset, config, student_seed)
+    if config["init_jitter"]:
+        layers = jitter(layers, config["init_jitter"], seed)
+    layers = [[None if array is None else array.astype(config["dtype"]) for array in layer] for layer in layers]
     init_w = layers[0][0].copy()  # E5's neuron-movement figure shows the first layer at init and at the end
     n_iters = config["iterations"]
-    order = rng.randint(len(problem["y_train"]), size=n_iters)  # SGD indices, drawn after the init
+    order = sgd_indices(len(problem["y_train"]), n_iters, student_seed)
     xs, ys = problem["x_train"][order], problem["y_train"][order]
+    # the notebooks divide the step size BEFORE the update of iteration ⌊T·N⌋
     lrs = utils.toy_step_sizes(n_iters, run["lr"], run["large_lr_frac"], run["decay"], run["warmup_factor"],
-                               run["warmup_power"])
+                               run["warmup_power"], decay_includes_k=True).astype(config["dtype"])
     model = torch_model(layers)
-    evals = utils.eval_iterations(n_iters, config["eval_points"]).tolist()  # starts at 0: segments cover every step
+    evals = utils.eval_iterations(n_iters, config["eval_points"], DENSE_EVALS).tolist()  # starts at 0: segments cover every step
     last_progress = time.monotonic()
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected from the losses, not from warnings
         for start, stop in zip(evals, evals[1:] + [n_iters]):
@@ -397,7 +474,7 @@ def run_one(args, config, experiment, run_index, run, seed, problem, env):
     start = time.monotonic()
     timing = {"train_s": 0.0, "metrics_s": 0.0, "callbacks_s": 0.0}
     with utils.RunLog(path, SCRIPT, log_config, env=env, experiment=experiment, run=label, run_index=run_index,
-                      seed=seed) as log:
+                      seed=seed, seeds_used=run_seeds(config, seed)) as log:
         status, extra = train_run(args.preset, config, run, seed, problem, log, timing)
         log.finish(status, timing=dict(timing, total_s=time.monotonic() - start), **extra)
     final = log.data["final"]
@@ -411,8 +488,9 @@ def run_one(args, config, experiment, run_index, run, seed, problem, env):
 
 
 def print_summary(experiment, logs_by_seed, seconds):
-    """End-of-command tables: every (seed, run), then, when several seeds ran, each run over its seeds (the diverged
-    fraction and the medians of the other seeds: large-step runs sit at the edge of divergence)."""
+    """End-of-command tables: every (seed, run), then, when several seeds ran, each run over its seeds: the diverged
+    fraction, the medians of the other seeds with their bootstrap 90 % intervals (large-step runs sit at the edge of
+    divergence), and in how many seeds a decayed run beats the previous, earlier-decayed one."""
     print(f"\nSummary of {experiment} (metrics at the last evaluation, before its update; "
           f"total {utils.format_seconds(seconds)}):")
     for logs in logs_by_seed:
@@ -422,12 +500,31 @@ def print_summary(experiment, logs_by_seed, seconds):
                   f"{format_metrics(data['final'])}")
     if len(logs_by_seed) < 2:
         return
-    print(f"\nPer run over {len(logs_by_seed)} seeds (medians over the non-diverged seeds, at the last evaluation):")
+    print(f"\nPer run over {len(logs_by_seed)} seeds (median [bootstrap 90 % interval] over the non-diverged seeds, "
+          "at the last evaluation):")
     for log in logs_by_seed[0]:
         summary = log.data["seed_summary"]
-        diverged = f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
-        medians = format_metrics(summary["median_final"]) if summary["median_final"] else "every seed diverged"
-        print(f"  {log.data['run']:<46s} diverged {diverged:<6s} {medians}")
+        print(f"  {log.data['run']}: diverged {len(summary['diverged_seeds'])}/{len(summary['seeds'])}")
+        if not summary["median_final"]:
+            print("      every seed diverged")
+            continue
+        print("      " + "  ".join(f"{short} {utils.format_median_ci(summary, key)}" for key, short in
+                                    SUMMARY_KEYS.items() if key in summary["median_final"]))
+        wins = log.data.get("vs_earlier_decay")
+        if wins:
+            print(f"      lower {wins['metric']} than the earlier decay in {wins['wins']}/{wins['pairs']} seeds")
+
+
+def summarize_seeds(runs, logs_by_seed):
+    """Store in every log its run over the seeds (utils.seed_summary) and, for a decayed run that follows another one,
+    the paired comparison with it over the seeds (utils.compare_consecutive_decays)."""
+    logs_per_run = list(zip(*logs_by_seed))
+    for run_logs in logs_per_run:
+        summary = utils.seed_summary([log.data["seed"] for log in run_logs], [log.data["status"] for log in run_logs],
+                                     [log.data["final"] for log in run_logs])
+        for log in run_logs:
+            log.finish(log.data["status"], seed_summary=summary)
+    utils.compare_consecutive_decays(runs, logs_per_run)
 
 
 def main(argv=None):
@@ -436,19 +533,19 @@ def main(argv=None):
     # One torch thread: on a 2-core machine shared with other jobs, torch's threads spin-wait on the small SVDs and
     # Jacobians of the evaluations (measured: --preset e4 ran 9 s on one thread, 198 s on the default two).
     torch.set_num_threads(1)
-    problem = make_problem(args.preset, config)
     env = utils.environment_info("cpu")
     print(f"{experiment}: {len(runs)} run(s) × {len(config['seeds'])} seed(s), N = {config['iterations']} "
           f"iterations, logs in {args.out_dir}", flush=True)
     started = time.monotonic()
-    # seeds outer, runs inner: all runs of one seed share its init and SGD order (module docstring)
-    logs_by_seed = [[run_one(args, config, experiment, index, run, seed, problem, env)
-                     for index, run in enumerate(runs)] for seed in config["seeds"]]
-    for run_logs in zip(*logs_by_seed):  # every log of a run carries the run over its seeds (utils.seed_summary)
-        summary = utils.seed_summary([log.data["seed"] for log in run_logs], [log.data["status"] for log in run_logs],
-                                     [log.data["final"] for log in run_logs])
-        for log in run_logs:
-            log.finish(log.data["status"], seed_summary=summary)
+    # seeds outer, runs inner: all runs of one seed share its data, init and SGD order (module docstring)
+    logs_by_seed = []
+    for seed in config["seeds"]:
+        problem = make_problem(args.preset, config, run_seeds(config, seed).get("data_seed"))
+        problem = {key: value.astype(config["dtype"]) if isinstance(value, np.ndarray) else value
+                   for key, value in problem.items()}
+        logs_by_seed.append([run_one(args, config, experiment, index, run, seed, problem, env)
+                             for index, run in enumerate(runs)])
+    summarize_seeds(runs, logs_by_seed)
     print_summary(experiment, logs_by_seed, time.monotonic() - started)
 
 

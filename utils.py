@@ -8,7 +8,9 @@ Contents, in reading order:
   1. Step-size schedules        toy_step_sizes, deep_step_size
   2. Metrics                    feature_sparsity, neuron_subset, BlockActivations, block_feature_sparsity,
                                 jacobian_rank, model_jacobian
-  3. Toy-model helpers          resolve_preset, add_preset_flag, toy_run_names, eval_iterations, seed_summary
+  3. Toy-model helpers          resolve_preset, add_preset_flag, toy_run_names, eval_iterations, jitter_factors,
+                                seed_summary, median_ci90, format_median_ci, later_decay_wins,
+                                compare_consecutive_decays
   4. Run logs and command line  RunLog, write_json_atomic, to_jsonable, run_slug, format_seconds, ArgumentParser,
                                 FlagError, flag_name, usage_error, flag types, prepare_out_dir, seed_everything,
                                 resolve_device, cpu_name, environment_info
@@ -16,7 +18,8 @@ Contents, in reading order:
                                 synthetic_image_dataset, epoch_batches, augment_batch, images_to_float
   6. Deep-net building blocks   check_deep_net_args, default_eval_batch_size, configure_backend, apply_channels_last,
                                 load_data, run_name, schedule_label, evaluate_classifier, save_checkpoint,
-                                load_checkpoint, logged_history, StopOnSignal, RunClock, progress_line
+                                read_checkpoint, CheckpointError, load_checkpoint, logged_history,
+                                check_earlier_run, StopOnSignal, RunClock, progress_line
 The definitions follow the paper; the README's "Definitions" section states them in full.
 """
 import argparse
@@ -44,13 +47,15 @@ import torch
 # ======================================================================================================================
 
 
-def toy_step_sizes(n_iters, lr, large_lr_frac=None, decay=1.0, warmup_factor=1.0, warmup_power=1.0):
+def toy_step_sizes(n_iters, lr, large_lr_frac=None, decay=1.0, warmup_factor=1.0, warmup_power=1.0,
+                   decay_includes_k=False):
     """Per-iteration step sizes of the toy experiments, as a float64 array of length n_iters.
 
     Iteration i (0-based) uses η_i = lr·(1 + (F − 1)·(i/N)^p) while i ≤ k = ⌊T·N⌋ (N = n_iters, T = large_lr_frac,
     F = warmup_factor, p = warmup_power; F = 1 means no warmup, i.e. η_i = lr), and η_k / decay for every i > k: the
-    single decay is applied after iteration k's update. large_lr_frac=None means a constant step size lr.
-    i/N divides by the TOTAL iteration count, not the warmup length, as in the authors' code.
+    single decay follows iteration k's update, as in the authors' diagonal-net code. decay_includes_k=True divides
+    before k's update instead (η_k / decay from i = k on), as their ReLU notebooks do. large_lr_frac=None means a
+    constant step size lr. i/N divides by the TOTAL iteration count, not the warmup length, as in the authors' code.
     """
     if large_lr_frac is None:
         return np.full(n_iters, float(lr))
@@ -58,7 +63,8 @@ def toy_step_sizes(n_iters, lr, large_lr_frac=None, decay=1.0, warmup_factor=1.0
     steps = np.arange(n_iters, dtype=np.float64)
     warm = lr * (1.0 + (warmup_factor - 1.0) * (steps / n_iters) ** warmup_power)
     peak = lr * (1.0 + (warmup_factor - 1.0) * (last_large / n_iters) ** warmup_power)
-    return np.where(steps <= last_large, warm, peak / decay)
+    still_large = steps < last_large if decay_includes_k else steps <= last_large
+    return np.where(still_large, warm, peak / decay)
 
 
 def deep_step_size(epoch, epochs, lr, schedule="piecewise", warmup_exp=1.0, large_lr_frac=0.5):
@@ -296,12 +302,15 @@ def model_jacobian(model, x):
 
 # Flags that change neither what is trained nor what is measured: a preset run with only these keeps the preset's name.
 NEUTRAL_FLAGS = ("seeds", "out_dir", "log_interval")
+# The knobs of a chaos measurement: a jitter of the initialisation, and the seeds held fixed while it varies
+JITTER_FLAGS = ("init_jitter", "data_seed", "student_seed", "sgd_seed")
 
 # How a preset and explicit flags combine (resolve_preset), as both toy scripts print it in --help.
 PRESET_RULES = """presets and flags: a preset sets every knob of a paper experiment; any explicit flag overrides that
 knob for all runs of the preset. Per-run flags take one value (applied to every run) or one value per run. A flag the
 preset does not use is rejected. Runs with any override other than --seeds, --out-dir (and diag_net's --log-interval)
-are logged as experiment '<preset>_custom', so that a quick check never overwrites the paper's logs and figures."""
+are logged as experiment '<preset>_custom', so that a quick check never overwrites the paper's logs and figures; a
+chaos measurement (--init-jitter, with or without held seeds, and nothing else) as '<preset>_jitter'."""
 
 
 def resolve_preset(name, preset, given, per_run):
@@ -313,7 +322,8 @@ def resolve_preset(name, preset, given, per_run):
       * a per-run flag takes one value (applied to every run) or one value per run;
       * a flag the preset does not use is rejected, and so are repeated seeds or two identical runs;
       * with any override other than NEUTRAL_FLAGS the experiment is named '<name>_custom', so that a quick check
-        never overwrites the logs and figures of the paper's configuration.
+        never overwrites the logs and figures of the paper's configuration; '<name>_jitter' when the overrides are a
+        nonzero init_jitter and other JITTER_FLAGS only (a chaos measurement of the paper's runs).
     runs: one {per-run knob: value} dict per run. Raises FlagError naming the offending flag.
     """
     for key in given:
@@ -333,7 +343,13 @@ def resolve_preset(name, preset, given, per_run):
     seeds = config.get("seeds", [])
     if len(set(seeds)) < len(seeds):  # two runs of one seed would write one log and count twice in seed_summary
         raise FlagError("--seeds", f"repeated seed in {' '.join(map(str, seeds))}")
-    experiment = name if set(given) <= set(NEUTRAL_FLAGS) else f"{name}_custom"
+    changed = set(given) - set(NEUTRAL_FLAGS)
+    if not changed:
+        experiment = name
+    elif config.get("init_jitter") and changed <= set(JITTER_FLAGS):
+        experiment = f"{name}_jitter"
+    else:
+        experiment = f"{name}_custom"
     return config, runs, experiment
 
 
@@ -390,9 +406,33 @@ def eval_iterations(n_iters, n_points, dense_prefix=0):
     return evals[evals < n_iters]
 
 
+JITTER_STREAM = 7  # numpy stream key of the --init-jitter draws, apart from every other draw of a run
+
+
+def jitter_factors(shapes, relative, seed):
+    """Factors (1 + relative·ξ), ξ ~ N(0,1), one array per shape in `shapes`, drawn in order from a generator keyed by
+    (JITTER_STREAM, seed) and no other draw of a run. Multiplying the initial weights by them (the toys' --init-jitter)
+    measures how chaotic a run is: the spread of its results over tiny changes of the initialisation."""
+    rng = np.random.default_rng([JITTER_STREAM, seed])
+    return [1.0 + relative * rng.standard_normal(shape) for shape in shapes]
+
+
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0  # fixed resampling seed: a summary is reproducible to the last digit
+
+
+def median_ci90(values, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """Bootstrap 90 % confidence interval [5th, 95th percentile] of the median of `values`: the medians of
+    `resamples` resamples of the values with replacement, drawn from a generator with a fixed seed."""
+    values = np.asarray(values, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    lower, upper = np.percentile(np.median(values[draws], axis=1), [5, 95])
+    return [float(lower), float(upper)]
+
+
 def seed_summary(seeds, statuses, finals):
     """One run over its seeds (large-step runs sit at the edge of divergence, so they are compared over seeds):
-    which seeds diverged, and the median of every metric of the final records of the others.
+    which seeds diverged, and the median of every metric of the final records of the others, with a bootstrap 90 %
+    confidence interval of that median (median_ci90).
 
     seeds, statuses, finals: one entry per seed (a deterministic run has seeds [None]); finals are the logs' `final`
     records (the last evaluation, before its update). Only 'completed' seeds enter the medians; `iter` and `lr` are
@@ -401,13 +441,48 @@ def seed_summary(seeds, statuses, finals):
     """
     done = [final for status, final in zip(statuses, finals) if status == "completed"]
     diverged = [seed for seed, status in zip(seeds, statuses) if status == "diverged"]
-    medians = None
+    medians = ci90 = None
     if done:
         keys = [key for key in done[0] if key not in ("iter", "lr")]
         values = {key: [final[key] for final in done if final.get(key) is not None] for key in keys}
         medians = {key: float(np.median(found)) for key, found in values.items() if found}
+        ci90 = {key: median_ci90(found) for key, found in values.items() if found}
     return {"seeds": list(seeds), "diverged_seeds": diverged, "fraction_diverged": len(diverged) / len(seeds),
-            "median_final": medians, "final_iter": done[0]["iter"] if done else None}
+            "median_final": medians, "median_ci90": ci90, "final_iter": done[0]["iter"] if done else None}
+
+
+def format_median_ci(summary, key):
+    """'0.0006098 [0.000512, 0.000731]': a seed summary's median of `key` with its bootstrap 90 % interval."""
+    lower, upper = summary["median_ci90"][key]
+    return f"{summary['median_final'][key]:.4g} [{lower:.3g}, {upper:.3g}]"
+
+
+def later_decay_wins(earlier, later, key):
+    """Paired comparison of two runs over the same seeds: in how many seeds the run with the later decay ends with a
+    lower `key` than the run with the earlier one. earlier, later: {seed: (status, final record)}; a seed counts only
+    where both runs completed. Returns {"metric", "wins", "pairs", "fraction"} (fraction None without pairs)."""
+    pairs = [(earlier[seed][1][key], later[seed][1][key]) for seed in earlier
+             if seed in later and earlier[seed][0] == later[seed][0] == "completed"
+             and earlier[seed][1].get(key) is not None and later[seed][1].get(key) is not None]
+    wins = sum(late < early for early, late in pairs)
+    return {"metric": key, "wins": wins, "pairs": len(pairs), "fraction": wins / len(pairs) if pairs else None}
+
+
+def compare_consecutive_decays(runs, logs_per_run):
+    """Store in the logs of every decayed run that follows another decayed run of the same algorithm (the preset's
+    order: decay at 10 %, then 30 %, then 50 %) its paired comparison with that run over the seeds, as the key
+    `vs_earlier_decay` (later_decay_wins on the test loss, or on the training loss where there is no test set).
+    runs: the preset's runs; logs_per_run: the finished RunLogs of each run, one per seed."""
+    for index in range(1, len(runs)):
+        earlier, later = runs[index - 1], runs[index]
+        if earlier["decay"] == 1 or later["decay"] == 1 or earlier.get("algorithm") != later.get("algorithm"):
+            continue
+        outcomes = [{log.data["seed"]: (log.data["status"], log.data["final"]) for log in logs_per_run[i]}
+                    for i in (index - 1, index)]
+        key = "test_loss" if "test_loss" in logs_per_run[index][0].data["final"] else "train_loss"
+        wins = later_decay_wins(*outcomes, key)
+        for log in logs_per_run[index]:
+            log.finish(log.data["status"], vs_earlier_decay=wins)
 
 
 # ======================================================================================================================
@@ -982,7 +1057,8 @@ DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks: one host sync e
 # flags that may differ between the parts of a resumed run: evaluation never changes the training trajectory, the
 # memory format only its rounding (apply_channels_last may also switch channels_last off on one device, not another),
 # and neither does where the data lives or whether it may be downloaded
-RESUME_MAY_CHANGE = {"resume", "stop_at_epoch", "device", "eval_batch_size", "channels_last", "data_dir", "download"}
+RESUME_MAY_CHANGE = {"resume", "restart", "stop_at_epoch", "device", "eval_batch_size", "channels_last", "data_dir",
+                     "download"}
 
 
 def check_deep_net_args(args):
@@ -1109,19 +1185,56 @@ def _loss_and_error(model, images, labels, args, autocast):
     return loss_sum.item() / len(labels), errors.item() / len(labels)
 
 
+# what every deep-net checkpoint holds (the scripts' checkpoint() calls save exactly these)
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "window_loss", "window_steps", "elapsed", "args", "torch_rng"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, not a checkpoint, or carrying a pickled Python object."""
+
+
 def save_checkpoint(path, **state):
-    """torch.save to a temp file, then rename it over `path`: a crash or Ctrl-C never leaves a broken checkpoint."""
+    """torch.save to a temp file, then rename it over `path`: a crash or Ctrl-C never leaves a broken checkpoint.
+    `state` must hold only tensors, numbers, strings, None, lists and dicts, so that read_checkpoint can load it."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
+def read_checkpoint(path, device="cpu"):
+    """Load a checkpoint with torch.load(weights_only=True), which rebuilds tensors and plain containers only: a
+    pickled object in a file someone shared (torch's full unpickler calls whatever function the file names) is
+    refused, never run. Raises CheckpointError, with a one-line reason, for that and for any unreadable file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+    except pickle.UnpicklingError as err:
+        # torch names the refused object as "Unsupported global: GLOBAL module.name was not an allowed global ..."
+        name = str(err).partition("Unsupported global: GLOBAL ")[2].split(" ")[0]
+        if name:
+            raise CheckpointError(f"{path} carries a pickled Python object ({name}); refusing to load it, since "
+                                  "loading would run code the file names (checkpoints of this kit hold only tensors, "
+                                  "numbers, strings, lists and dicts)") from None
+        raise CheckpointError(f"{path} is not a torch checkpoint") from None
+    except (RuntimeError, EOFError, ValueError):  # what torch raises for empty, truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (empty, truncated or another kind of "
+                              "file)") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise CheckpointError(f"{path} is not a checkpoint of train_resnet.py or train_densenet.py")
+    return state
+
+
 def load_checkpoint(path, args, device):
-    """The checkpoint of this exact run, for --resume, with torch's RNG state restored. Command-line layer: a missing
-    checkpoint, or one made with other flags (except RESUME_MAY_CHANGE), is a one-line usage error."""
+    """The checkpoint of this exact run, for --resume, with torch's RNG state restored. Command-line layer: a missing,
+    unreadable or unsafe checkpoint, or one made with other flags (except RESUME_MAY_CHANGE), is a one-line usage
+    error."""
     if not os.path.exists(path):
         usage_error("--resume", f"no checkpoint at {path}; start the run without --resume (resume needs the same flags "
                                 "and --out-dir as the original run)")
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:
+        state = read_checkpoint(path, device)
+    except CheckpointError as err:
+        usage_error("--resume", str(err))
     changed = [key for key, value in state["args"].items()
                if key not in RESUME_MAY_CHANGE and vars(args).get(key) != value]
     if changed:
@@ -1135,6 +1248,38 @@ def logged_history(path, last_iter):
     """The records of the log at `path` up to iteration last_iter: a resumed run continues its log from there."""
     with open(path) as f:
         return [record for record in json.load(f)["history"] if record["iter"] <= last_iter]
+
+
+def check_earlier_run(args, log_path, checkpoint_path):
+    """Never overwrite this run's own log or checkpoint unasked (re-running the command of an interrupted run used to
+    restart it from iteration 0 and destroy both): with neither --resume nor --restart, a run whose log or checkpoint
+    is already there, finished or not, stops with a one-line usage error saying which flag to pass. --restart deletes
+    both, so that a restart that fails early never leaves the old checkpoint beside the new log. Command-line layer."""
+    found = [path for path in (log_path, checkpoint_path) if os.path.exists(path)]
+    if args.resume or not found:
+        return
+    if args.restart:
+        for path in found:
+            os.remove(path)
+        return
+    status = _logged_status(log_path)
+    if status in ("completed", "diverged"):
+        usage_error("--restart", f"this run has already ended ({status}; log {log_path}); pass --restart to delete "
+                                 "its log and checkpoint and run it again")
+    if os.path.exists(checkpoint_path):
+        usage_error("--resume", f"this run stopped before its end and left a checkpoint, {checkpoint_path} (log "
+                                f"status: {status or 'no readable log'}); continue it with --resume, or pass --restart "
+                                "to delete its checkpoint and log and start over")
+    usage_error("--restart", f"this run's log {log_path} (status: {status or 'unreadable'}) is already there, with no "
+                             "checkpoint to resume from; pass --restart to delete it and start over")
+
+
+def _logged_status(path):
+    """The status of the run log at `path`, or None if there is no readable log."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(path) as f:
+            return json.load(f)["status"]
+    return None
 
 
 class StopOnSignal:
