@@ -582,6 +582,141 @@ DRAWERS["diag_net"] = draw_diag_net
 
 
 # ======================================================================================================================
+# Tables: the README's results tables, printed from the logs (python plots.py --logs results --table)
+# ======================================================================================================================
+
+# The authors' printed numbers (their notebooks' outputs, the values behind the paper's toy figures, arXiv 2210.05337
+# Figures 2-3 and Appendix C), at their seed, as {experiment: (seed, {run_index: {metric: value}})}.
+PAPER_TOY_NUMBERS = {
+    "e1": (1, {0: {"train_loss": 1.4216e-06, "test_loss": 3.5286e-03, "l0": 200},
+               1: {"train_loss": 6.2558e-05, "test_loss": 6.5941e-04, "l0": 156},
+               2: {"train_loss": 5.9754e-05, "test_loss": 2.8474e-04, "l0": 89},
+               3: {"train_loss": 6.6990e-05, "test_loss": 1.5373e-04, "l0": 71}}),
+    "e4": (3, {0: {"train_loss": 2.0859e-04}, 1: {"train_loss": 1.690e-04}}),
+    "e5": (0, {0: {"train_loss": 1.3538e-05, "test_loss": 6.0982e-04},
+               1: {"train_loss": 1.019e-05, "test_loss": 1.622e-04},
+               2: {"train_loss": 1.120e-05, "test_loss": 1.382e-04},
+               3: {"train_loss": 1.113e-05, "test_loss": 5.411e-05}}),
+    "e6": (5, {0: {"train_loss": 1.371e-03, "test_loss": 0.061388}, 1: {"train_loss": 1.097e-03, "test_loss": 0.032181},
+               2: {"train_loss": 1.005e-03, "test_loss": 0.024772}, 3: {"train_loss": 1.061e-03, "test_loss": 0.020578}}),
+}
+# The metrics each toy table shows: the loss the paper compares, and the sparsity.
+TOY_TABLE_METRICS = {
+    "e1": [("test_loss", "test loss"), ("l0", "‖β‖₀")],
+    "e2": [("test_loss", "test loss"), ("l0", "‖β‖₀")],
+    "e4": [("train_loss", "train loss"), ("density_dedup_layer1", "dedup. density"), ("rank", "rank")],
+    "e5": [("test_loss", "test loss"), ("density_dedup_layer1", "dedup. density")],
+    "e6": [("test_loss", "test loss"), ("density_dedup_layer1", "dedup. density L1"),
+           ("density_dedup_layer2", "dedup. density L2")],
+}
+
+
+def _number(value):
+    """A table cell for one number: 4 significant digits, densities and counts as they are logged."""
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _distribution(logs, key):
+    """'median [lo, hi]' of `key` over the completed logs (the bootstrap interval of utils.seed_summary), or '–'."""
+    summary = logs[0].get("seed_summary") or {}
+    if not summary.get("median_final") or key not in summary["median_final"]:
+        return "–"
+    return utils.format_median_ci(summary, key)
+
+
+def _diverged(logs):
+    """'k/n' diverged seeds of a run."""
+    summary = logs[0].get("seed_summary") or {}
+    return f"{len(summary.get('diverged_seeds', []))}/{len(summary.get('seeds', logs))}"
+
+
+def toy_table(experiment, logs, jitter_logs):
+    """Markdown table of one toy experiment: per run and metric, the paper's number at its seed, ours at that seed,
+    ours over all seeds (median [bootstrap 90 % interval], diverged k/n, in how many seeds a later decay beat the
+    earlier one), and the spread over --init-jitter runs of the paper's seed (median [interval], min–max)."""
+    paper_seed, paper = PAPER_TOY_NUMBERS.get(experiment, (None, {}))
+    runs = collections.OrderedDict()
+    for log in sorted(logs, key=lambda log: log.get("run_index", 0)):
+        runs.setdefault(log["run_index"], []).append(log)
+    jitter = collections.defaultdict(list)
+    for log in jitter_logs:
+        jitter[log["run_index"]].append(log)
+    seeds = sorted({log["seed"] for log in logs if log["seed"] is not None})
+    seed_range = f"seeds {seeds[0]}–{seeds[-1]}" if seeds else "deterministic"
+    rows = [f"| run | metric | paper (seed {paper_seed}) | ours (seed {paper_seed}) | ours, {seed_range}: median "
+            "[90 % CI] | diverged | later decay lower | ours, 1e-7 init jitter: median [90 % CI] (min – max) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for run_index, run_logs in runs.items():
+        at_paper_seed = next((log for log in run_logs if log["seed"] == paper_seed), None)
+        wins = run_logs[0].get("vs_earlier_decay")
+        for metric, name in TOY_TABLE_METRICS[experiment]:
+            ours = "–"
+            if at_paper_seed is not None:
+                ours = "diverged" if at_paper_seed["status"] == "diverged" else \
+                    _number(at_paper_seed["final"].get(metric))
+            won = f"{wins['wins']}/{wins['pairs']}" if wins and wins["metric"] == metric else ""
+            spread = "–"
+            jittered = jitter.get(run_index, [])
+            done = [log["final"][metric] for log in jittered if log["status"] == "completed"
+                    and log["final"].get(metric) is not None]
+            if done:
+                spread = f"{_distribution(jittered, metric)} ({min(done):.4g} – {max(done):.4g})"
+                spread += f", diverged {_diverged(jittered)}"
+            rows.append(f"| {run_logs[0]['run']} | {name} | {_number(paper.get(run_index, {}).get(metric))} | {ours} "
+                        f"| {_distribution(run_logs, metric)} | {_diverged(run_logs)} | {won} | {spread} |")
+    return "\n".join(rows)
+
+
+def _mean_std(values, scale=1.0, digits=1):
+    """'mean ± std' (sample std over seeds; the mean alone for one seed)."""
+    values = np.asarray(values, dtype=np.float64) * scale
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def deep_table(experiment, logs):
+    """Markdown table of one deep-net experiment: per line of its figure (a configuration over its seeds), the final
+    training error, test error and the de-duplicated density of the last two blocks (mean ± std over seeds, in %),
+    and the wall time of one run."""
+    blocks = logs[0]["config"]["blocks"][-2:]
+    rows = [f"| run | seeds | train error (%) | test error (%) | "
+            + " | ".join(f"{block} dedup. density (%)" for block in blocks) + " | minutes per run |",
+            "|---|---|---|---|" + "---|" * len(blocks) + "---|"]
+    for line in plot_lines(logs):
+        done = [log for log in line.logs if log["status"] == "completed"]
+        if not done:
+            rows.append(f"| {line.label} | {len(line.logs)} | {line.logs[0]['status']} |" + " |" * (len(blocks) + 2))
+            continue
+        finals = [log["final"] for log in done]
+        cells = [_mean_std([f["train_error"] for f in finals], 100), _mean_std([f["test_error"] for f in finals], 100)]
+        cells += [_mean_std([f[f"density_dedup_{block}"] for f in finals], 100) for block in blocks]
+        minutes = np.median([f["wall_time"] for f in finals]) / 60
+        diverged = len(line.logs) - len(done)
+        seeds = f"{len(done)}" + (f" (+{diverged} diverged)" if diverged else "")
+        rows.append(f"| {line.label} | {seeds} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(rows)
+
+
+def results_tables(logs):
+    """Every results table of the README, in order: the toy experiments (E1, E2, E4-E6), then each deep-net
+    experiment; each table preceded by a one-line heading naming its logs."""
+    by_experiment = collections.defaultdict(list)
+    for log in logs:
+        by_experiment[log.get("experiment", log["script"])].append(log)
+    sections = []
+    for experiment in TOY_TABLE_METRICS:
+        if by_experiment.get(experiment):
+            sections.append(f"**{experiment.upper()}** ({by_experiment[experiment][0]['script']}.py --preset "
+                            f"{experiment}):\n\n" + toy_table(experiment, by_experiment[experiment],
+                                                               by_experiment.get(f"{experiment}_jitter", [])))
+    for experiment, group in sorted(by_experiment.items()):
+        if group[0]["script"] in ("train_resnet", "train_densenet"):
+            sections.append(f"**{experiment}**:\n\n" + deep_table(experiment, group))
+    return "\n\n".join(sections)
+
+
+# ======================================================================================================================
 # Entry point
 # ======================================================================================================================
 
@@ -591,14 +726,19 @@ def main(argv=None):
     parser.add_argument("--logs", nargs="+", default=["runs"],
                         help="folders searched recursively for JSON run logs")
     parser.add_argument("--out-dir", default="figures", help="folder the PNG figures are written to")
+    parser.add_argument("--table", action="store_true",
+                        help="print the README's results tables (markdown) from the logs instead of drawing figures")
     args = parser.parse_args(argv)
     for folder in args.logs:
         if not os.path.isdir(folder):
             utils.usage_error("--logs", f"{folder!r} is not a folder; pass the --out-dir of your runs")
-    utils.prepare_out_dir(args.out_dir)
     logs = [log for folder in args.logs for log in load_logs(folder)]
     if not logs:
         utils.usage_error("--logs", f"no run logs found under {' '.join(args.logs)}; run an experiment first")
+    if args.table:
+        print(results_tables(logs))
+        return []
+    utils.prepare_out_dir(args.out_dir)
     experiments = collections.OrderedDict()
     for log in logs:
         experiments.setdefault((log["script"], log.get("experiment", log["script"])), []).append(log)
