@@ -24,8 +24,12 @@ Definitions the code follows:
     rank of the Jacobian φ(X_r) on the first 2d test points (JacobianRank).
   * All seeds of a run advance together as rows of (seeds × d) arrays. A seed whose state becomes NaN/inf is logged
     as `diverged` (with `diverged_at`) and dropped from the batch; the others go on. Every log of a run carries
-    `seed_summary` (utils.seed_summary: diverged fraction, medians of the others) and `run_index` (its position in
-    the preset, which orders the figure legends).
+    `seed_summary` (utils.seed_summary: diverged fraction, medians of the others with their bootstrap 90 %
+    intervals), `run_index` (its position in the preset, which orders the figure legends) and, for a decayed run
+    after another one, `vs_earlier_decay` (utils.compare_consecutive_decays: in how many seeds it beats that run).
+  * Chaos: --init-jitter ε multiplies u0 by (1 + ε·N(0,1)) drawn from the seed (utils.jitter_factors); with
+    --sgd-seed holding the SGD order fixed, the spread over seeds measures how much a 1e-7 change of the
+    initialisation moves a run (`make demo` does this for E1 at the paper's seed 1).
 """
 import contextlib
 import math

@@ -16,9 +16,11 @@ small manual MLP covers all three.
 
 Definitions the code follows:
   * SGD with batch size 1 on the plain squared error (no ½): θ ← θ − η_i ∇θ (h_θ(x_j) − y_j)², j drawn uniformly.
-    Step sizes (utils.toy_step_sizes): η until iteration ⌊T·N⌋ (T = --large-lr-frac), optionally warmed up as
-    η·(1 + (F − 1)(i/N)^p), then divided by D (--decay).
-  * Metrics BEFORE the update of iterations round(linspace(0, N, K))[:-1] (utils.eval_iterations); the last is the
+    Step sizes (utils.toy_step_sizes): η before iteration k = ⌊T·N⌋ (T = --large-lr-frac), optionally warmed up as
+    η_i = η·(1 + (F − 1)(i/N)^p), then η_k / D (D = --decay) from iteration k on: the notebooks divide before k's
+    update.
+  * Metrics BEFORE the update of iterations {0..99} ∪ round(linspace(0, N, K))[:-1] (utils.eval_iterations, K = 151
+    as in the notebooks); the last is the
     "final" point of the authors' printed numbers; the losses after all N steps are logged as `after_training`.
     Logged: iter, lr, train_loss, test_loss (E5/E6; E4's test set is its training set), rank (utils.jacobian_rank of
     the Jacobian on the rank points, ε = 1e-4) and, per hidden layer k, density_layer<k> / density_dedup_layer<k>
@@ -26,10 +28,22 @@ Definitions the code follows:
     to unit norm, 0/0 -> 0, de-duplicated with threshold τ = --tau).
   * Extra log keys: `function_grid` (E4: the learned function after training, with the data), `neurons` (E5: teacher
     directions and signs, student first-layer weights at init and at the end, output weights at the end),
-    `run_index`, `timing`, `seed_summary` (utils.seed_summary over the seeds of the run).
-  * Randomness (the authors' generator code is not public, so this draw order is ours): RandomState(--data-seed)
-    draws the teacher, then X_train, then X_test (E5/E6; E4's data are fixed). RandomState(seed) draws the student's
-    initial weights layer by layer (weights, then biases), then the N SGD indices: all runs of one seed share them.
+    `run_index`, `timing`, `seeds_used` (the data and student seeds of this log), `seed_summary` (utils.seed_summary
+    over the seeds of the run: diverged fraction, medians and their bootstrap 90 % intervals) and `vs_earlier_decay`
+    (utils.compare_consecutive_decays: in how many seeds this run beats the previous, earlier-decayed one).
+  * Randomness: exactly the authors' draws (their notebooks fc_nets_1d_regression.ipynb = E4,
+    fc_nets_two_layer.ipynb = E5, fc_nets_multi_layer.ipynb = E6, repository tml-epfl/sgd-sparse-features), so each
+    preset at the notebook's seed (E4: 3, E5: 0, E6: 5) gives the notebook's printed numbers. A seed s means:
+      1. data (E5/E6): legacy numpy seeded with s + 1 draws X, then X_test (unit_sphere);
+      2. teacher (E5/E6): torch seeded with s + 1, nn.Linear constructors first, then N(0,1) weights (draw_teacher);
+      3. student: torch seeded with s, constructors first, then the preset's init (draw_student);
+      4. SGD order: legacy numpy seeded with s, np.random.choice(n, 1, replace=False) per step (sgd_indices).
+    Every run of one seed restarts from the same student and order. --data-seed / --student-seed hold 1-2 / 3-4
+    fixed while --seeds vary; --init-jitter ε multiplies the initial weights by (1 + ε·N(0,1)) drawn from the seed
+    (utils.jitter_factors): with both seeds held, the spread over seeds measures how chaotic a run is.
+  * Arithmetic: float32, as in the notebooks (--dtype float64 to change it). Constant runs agree with the notebooks
+    to 4-5 digits either way; the decayed runs at the edge of stability are chaotic, and their digits depend on the
+    precision and the order of operations (the E6 T = 0.5 run: 0.0206 in float32, 0.0228 in float64).
 """
 import argparse
 import contextlib
