@@ -592,6 +592,7 @@ PAPER_TOY_NUMBERS = {
                1: {"train_loss": 6.2558e-05, "test_loss": 6.5941e-04, "l0": 156},
                2: {"train_loss": 5.9754e-05, "test_loss": 2.8474e-04, "l0": 89},
                3: {"train_loss": 6.6990e-05, "test_loss": 1.5373e-04, "l0": 71}}),
+    "e2": (None, {4: {"test_loss": 0.0385, "l0": 33}}),  # read off the paper's figure; its seed is not known
     "e4": (3, {0: {"train_loss": 2.0859e-04}, 1: {"train_loss": 1.690e-04}}),
     "e5": (0, {0: {"train_loss": 1.3538e-05, "test_loss": 6.0982e-04},
                1: {"train_loss": 1.019e-05, "test_loss": 1.622e-04},
@@ -643,7 +644,8 @@ def toy_table(experiment, logs, jitter_logs):
         jitter[log["run_index"]].append(log)
     seeds = sorted({log["seed"] for log in logs if log["seed"] is not None})
     seed_range = f"seeds {seeds[0]}–{seeds[-1]}" if seeds else "deterministic"
-    rows = [f"| run | metric | paper (seed {paper_seed}) | ours (seed {paper_seed}) | ours, {seed_range}: median "
+    at_seed = "" if paper_seed is None else f" (seed {paper_seed})"
+    rows = [f"| run | metric | paper{at_seed} | ours{at_seed} | ours, {seed_range}: median "
             "[90 % CI] | diverged | later decay lower | ours, 1e-7 init jitter: median [90 % CI] (min – max) |",
             "|---|---|---|---|---|---|---|---|"]
     for run_index, run_logs in runs.items():
@@ -651,7 +653,7 @@ def toy_table(experiment, logs, jitter_logs):
         wins = run_logs[0].get("vs_earlier_decay")
         for metric, name in TOY_TABLE_METRICS[experiment]:
             ours = "–"
-            if at_paper_seed is not None:
+            if at_paper_seed is not None and paper_seed is not None:
                 ours = "diverged" if at_paper_seed["status"] == "diverged" else \
                     _number(at_paper_seed["final"].get(metric))
             won = f"{wins['wins']}/{wins['pairs']}" if wins and wins["metric"] == metric else ""

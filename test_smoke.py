@@ -1374,3 +1374,40 @@ def test_benchmark_plain_greedy_reference_is_the_papers_definition():
 def test_benchmark_bad_flags_are_one_line_errors(args, flag):
     result = run_script("benchmark.py", *args)
     assert result.returncode == 2 and flag in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_plots_deep_table_gives_mean_and_std_over_seeds_per_configuration():
+    import plots
+    logs = [_deep_log(seed=seed, loss=loss) for seed, loss in [(0, 1.0), (1, 3.0)]] + [_deep_log(epochs=8)]
+    for log in logs:
+        log["final"] = dict(log["final"], wall_time=120.0)
+    rows = plots.deep_table("resnet18_cifar10", logs).splitlines()
+    assert rows[0].startswith("| run | seeds | train error (%) | test error (%) | block1 dedup. density (%)")
+    # two seeds: train error 10 % and 30 % -> 20.0 ± 14.1 (sample std); the 8-epoch run is a line of its own
+    assert "| 2 | 20.0 ± 14.1 | 20.0 ± 14.1 | 10.0 ± 7.1 | 10.0 ± 7.1 | 2.0 |" in rows[2]
+    assert "(epochs 8)" in rows[3] and "| 1 | 10.0 | 10.0 | 5.0 | 5.0 | 2.0 |" in rows[3]
+
+
+def test_plots_toy_table_reports_the_paper_seed_the_distribution_and_the_jitter_spread():
+    import plots
+
+    def toy_log(seed, run_index, test_loss, status="completed", experiment="e5"):
+        final = {"iter": 10, "test_loss": test_loss, "density_dedup_layer1": 0.5}
+        return {"script": "two_layer_relu", "experiment": experiment, "run": f"run {run_index}",
+                "run_index": run_index, "seed": seed, "status": status, "final": final}
+
+    logs = [toy_log(seed, 0, loss) for seed, loss in [(0, 2.0), (1, 4.0), (2, 3.0)]]
+    logs.append(toy_log(3, 0, None, status="diverged"))
+    jitter = [toy_log(seed, 0, loss, experiment="e5_jitter") for seed, loss in [(0, 1.0), (1, 5.0)]]
+    for group in (logs, jitter):
+        summary = utils.seed_summary([log["seed"] for log in group], [log["status"] for log in group],
+                                     [log["final"] for log in group])
+        for log in group:
+            log["seed_summary"] = summary
+    rows = plots.toy_table("e5", logs, jitter).splitlines()
+    assert "paper (seed 0)" in rows[0] and "seeds 0–3" in rows[0]
+    cells = [cell.strip() for cell in rows[2].split("|")[1:-1]]
+    assert cells[:4] == ["run 0", "test loss", "0.0006098", "2"]  # the notebook's number, ours at seed 0
+    assert cells[4] == utils.format_median_ci(logs[0]["seed_summary"], "test_loss") and cells[4].startswith("3 [")
+    assert cells[5] == "1/4" and cells[6] == ""
+    assert cells[7] == f"{utils.format_median_ci(jitter[0]['seed_summary'], 'test_loss')} (1 – 5), diverged 0/2"
