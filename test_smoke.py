@@ -1411,3 +1411,15 @@ def test_plots_toy_table_reports_the_paper_seed_the_distribution_and_the_jitter_
     assert cells[4] == utils.format_median_ci(logs[0]["seed_summary"], "test_loss") and cells[4].startswith("3 [")
     assert cells[5] == "1/4" and cells[6] == ""
     assert cells[7] == f"{utils.format_median_ci(jitter[0]['seed_summary'], 'test_loss')} (1 – 5), diverged 0/2"
+
+
+def test_readme_tables_are_exactly_what_plots_table_prints():
+    """Every results table of the README comes from the committed logs: `python plots.py --logs results --table`."""
+    import plots
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "README.md")) as f:
+        readme = f.read()
+    printed = plots.results_tables(plots.load_logs(os.path.join(here, "results")))
+    for section in printed.split("\n\n**"):
+        section = section if section.startswith("**") else "**" + section
+        assert section.strip() in readme, section[:200]
