@@ -700,6 +700,20 @@ def deep_table(experiment, logs):
     return "\n".join(rows)
 
 
+def shown_command(log):
+    """The command that wrote a log (env.command), with a run of consecutive --seeds written as $(seq a b)."""
+    words = log.get("env", {}).get("command", "").split()
+    if "--seeds" in words:
+        start = words.index("--seeds") + 1
+        end = start
+        while end < len(words) and words[end].isdigit():
+            end += 1
+        seeds = [int(word) for word in words[start:end]]
+        if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+            words[start:end] = [f"$(seq {seeds[0]} {seeds[-1]})"]
+    return "python " + " ".join(words)
+
+
 def results_tables(logs):
     """Every results table of the README, in order: the toy experiments (E1, E2, E4-E6), then each deep-net
     experiment; each table preceded by a one-line heading naming its logs."""
@@ -709,12 +723,16 @@ def results_tables(logs):
     sections = []
     for experiment in TOY_TABLE_METRICS:
         if by_experiment.get(experiment):
-            sections.append(f"**{experiment.upper()}** ({by_experiment[experiment][0]['script']}.py --preset "
-                            f"{experiment}):\n\n" + toy_table(experiment, by_experiment[experiment],
-                                                               by_experiment.get(f"{experiment}_jitter", [])))
+            jitter = by_experiment.get(f"{experiment}_jitter", [])
+            commands = f"`{shown_command(by_experiment[experiment][0])}`"
+            if jitter:
+                commands += f"; jitter: `{shown_command(jitter[0])}`"
+            sections.append(f"**{experiment.upper()}** — {commands}\n\n"
+                            + toy_table(experiment, by_experiment[experiment], jitter))
     for experiment, group in sorted(by_experiment.items()):
         if group[0]["script"] in ("train_resnet", "train_densenet"):
-            sections.append(f"**{experiment}**:\n\n" + deep_table(experiment, group))
+            sections.append(f"**{experiment}** (commands: `env.command` of each log in `results/deep/`):\n\n"
+                            + deep_table(experiment, group))
     return "\n\n".join(sections)
 
 
