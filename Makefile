@@ -38,7 +38,8 @@ demo: $(STAMP)
 	$(PY) two_layer_relu.py --preset e6 --seeds $(shell seq 0 15) --out-dir $(DEMO_LOGS)
 	$(PY) two_layer_relu.py --preset e6 --data-seed 6 --student-seed 5 --init-jitter 1e-7 --seeds $(shell seq 0 15) --out-dir $(DEMO_LOGS)
 	$(PY) plots.py --logs $(DEMO_LOGS) --out-dir $(FIGURES)
-	@echo "Done: figures in $(FIGURES)/ (e1.png ... e6.png), run logs in $(DEMO_LOGS)/"
+	$(PY) plots.py --logs $(DEMO_LOGS) --table
+	@echo "Done: figures in $(FIGURES)/ (e1.png ... e6.png), the README's toy tables above, run logs in $(DEMO_LOGS)/"
 
 clean:
 	rm -rf $(DEMO_LOGS) $(FIGURES)
