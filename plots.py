@@ -691,7 +691,8 @@ def deep_table(experiment, logs):
             rows.append(f"| {line.label} | {len(line.logs)} | {line.logs[0]['status']} |" + " |" * (len(blocks) + 2))
             continue
         finals = [log["final"] for log in done]
-        cells = [_mean_std([f["train_error"] for f in finals], 100), _mean_std([f["test_error"] for f in finals], 100)]
+        cells = [_mean_std([f["train_error"] for f in finals], 100, digits=2),  # interpolation is ≤ 1 %
+                 _mean_std([f["test_error"] for f in finals], 100)]
         cells += [_mean_std([f[f"density_dedup_{block}"] for f in finals], 100) for block in blocks]
         minutes = np.median([f["wall_time"] for f in finals]) / 60
         diverged = len(line.logs) - len(done)

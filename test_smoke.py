@@ -40,6 +40,39 @@ def assert_valid_log(path, script):
     return log
 
 
+def toy_logs(main, folder, flags):
+    """{file name: log} of the toy run `main(flags)` writes into `folder`."""
+    main([*flags, "--out-dir", str(folder)])
+    return {path.name: json.loads(path.read_text()) for path in folder.glob("*.json")}
+
+
+def without_sharpness(log):
+    """A toy log's measured trajectory (its evaluation records and the state after training), sharpness keys left
+    out."""
+    strip = ("sharpness", "sharpness_hvps", "sharpness_converged")
+    return [{k: v for k, v in record.items() if k not in strip} for record in log["history"]], \
+        log.get("after_training")
+
+
+def check_sharpness_and_label_noise(main, flags, evals, tmp_path):
+    """--sharpness-every K only adds `sharpness` at utils.sharpness_iterations (the same trajectory);
+    --label-noise-std changes the trajectory, reproducibly."""
+    plain = toy_logs(main, tmp_path / "plain", flags)
+    measured = toy_logs(main, tmp_path / "measured", [*flags, "--sharpness-every", "50"])
+    noisy = [toy_logs(main, tmp_path / f"noisy{i}", [*flags, "--label-noise-std", "0.05"]) for i in range(2)]
+    assert plain.keys() == measured.keys() == noisy[0].keys() and plain
+    expected = utils.sharpness_iterations(evals, 50).tolist()
+    for name, log in measured.items():
+        assert without_sharpness(log) == without_sharpness(plain[name])
+        sharp = [record for record in log["history"] if "sharpness" in record]
+        finite = {record["iter"] for record in log["history"] if record["train_loss"] is not None}
+        assert [record["iter"] for record in sharp] == [t for t in expected if t in finite]  # none once diverged
+        assert all(math.isfinite(record["sharpness"]) and record["sharpness"] > 0 for record in sharp)
+        assert noisy[0][name]["config"]["label_noise_std"] == 0.05
+        assert noisy[0][name]["history"] == noisy[1][name]["history"]
+        assert noisy[0][name]["history"] != plain[name]["history"]
+
+
 # ======================================================================================================================
 # Every file of the repository
 # ======================================================================================================================
@@ -393,6 +426,59 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     strip = ("wall_time", "images_per_sec")  # timings differ; every measured quantity must not
     assert [{k: v for k, v in r.items() if k not in strip} for r in logs[0]["history"]] == \
         [{k: v for k, v in r.items() if k not in strip} for r in logs[1]["history"]]
+
+
+def final_weights(folder):
+    """The model weights in the checkpoint beside the single run log in `folder`."""
+    return utils.read_checkpoint(only_log(folder)[:-5] + ".pt")["model"]
+
+
+@pytest.mark.parametrize("script", [TINY_RESNET, TINY_DENSENET], ids=["resnet", "densenet"])
+def test_sharpness_is_logged_and_leaves_the_training_trajectory_unchanged(script, tmp_path):
+    # 2 epochs of 2 steps: evaluations at 0, 2, 4; the sharpness at 0 (in the evaluation's record) and 3 (its own)
+    flags = [*script, "--dataset", "synthetic", "--n-train", "128", "--epochs", "2", "--sharpness-examples", "16"]
+    plain, measured = tmp_path / "plain", tmp_path / "measured"
+    assert run_script(*flags, "--out-dir", str(plain)).returncode == 0
+    result = run_script(*flags, "--sharpness-every", "3", "--out-dir", str(measured))
+    assert result.returncode == 0, result.stderr
+    assert "sharpness" in result.stdout
+    logs = [assert_valid_log(only_log(folder), script[0][:-3]) for folder in (plain, measured)]
+    assert logs[1]["config"]["sharpness_every"] == 3 and logs[1]["config"]["sharpness_examples_used"] == 16
+    sharp = [record for record in logs[1]["history"] if "sharpness" in record]
+    assert [record["iter"] for record in sharp] == [0, 3]
+    assert "train_loss" in sharp[0] and "train_loss" not in sharp[1] and sharp[1]["lr"] > 0
+    for record in sharp:
+        assert math.isfinite(record["sharpness"]) and record["sharpness"] > 0
+        assert record["sharpness_hvps"] >= 1 and isinstance(record["sharpness_converged"], bool)
+    # the measurement draws no training randomness and changes no weight or BatchNorm statistic
+    strip = ("wall_time", "images_per_sec", "sharpness", "sharpness_hvps", "sharpness_converged")
+    evaluations = [[{k: v for k, v in record.items() if k not in strip} for record in log["history"]
+                    if "train_loss" in record] for log in logs]
+    assert evaluations[0] == evaluations[1]
+    weights = [final_weights(folder) for folder in (plain, measured)]
+    for name, tensor in weights[0].items():  # BatchNorm running statistics included
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_deep_net_help_says_which_loss_the_sharpness_is_of():
+    for module in (train_resnet, train_densenet):
+        text = " ".join(module.build_parser().format_help().split())
+        assert "BatchNorm in training mode" in text and "ONE batch" in text and "256" in text
+
+
+def test_label_noise_changes_the_trajectory_reproducibly_and_resumes_exactly(tmp_path):
+    flags = [*TINY_RESNET, "--dataset", "synthetic", "--n-train", "128", "--epochs", "2"]
+    clean, noisy, parts = tmp_path / "clean", tmp_path / "noisy", tmp_path / "parts"
+    assert run_script(*flags, "--out-dir", str(clean)).returncode == 0
+    assert run_script(*flags, "--label-noise", "0.5", "--out-dir", str(noisy)).returncode == 0
+    assert run_script(*flags, "--label-noise", "0.5", "--stop-at-epoch", "1", "--out-dir", str(parts)).returncode == 0
+    resumed = run_script(*flags, "--label-noise", "0.5", "--resume", "--out-dir", str(parts))
+    assert resumed.returncode == 0, resumed.stderr
+    log = json.load(open(only_log(noisy)))
+    assert log["config"]["label_noise"] == 0.5 and "_ln0.5_" in only_log(noisy)  # its own log, beside the clean one
+    weights = {folder.name: final_weights(folder) for folder in (clean, noisy, parts)}
+    assert all(torch.equal(tensor, weights["parts"][name]) for name, tensor in weights["noisy"].items())
+    assert not all(torch.equal(tensor, weights["clean"][name]) for name, tensor in weights["noisy"].items())
 
 
 def test_resume_refuses_a_stop_epoch_the_checkpoint_has_passed(tmp_path):
@@ -784,6 +870,11 @@ def test_relu_presets_tiny_runs_and_plots(preset, n_runs, extra, tmp_path):
     assert {p.name for p in figures.glob("*.png")} == expected
 
 
+def test_relu_sharpness_is_a_measurement_only_and_label_noise_a_reproducible_change(tmp_path, one_torch_thread):
+    check_sharpness_and_label_noise(relu_toy.main, ["--preset", "e5", *RELU_TINY],
+                                    utils.eval_iterations(200, 8, relu_toy.DENSE_EVALS), tmp_path)
+
+
 def test_relu_e5_neuron_figure_only_for_two_dimensional_inputs(tmp_path, one_torch_thread):
     import plots
     relu_toy.main(["--preset", "e5", "--input-dim", "3", "--iterations", "20", "--eval-points", "3", "--lr", "0.1",
@@ -972,6 +1063,12 @@ def test_diag_net_vectorised_seeds_equal_single_seed_runs():
     assert not np.array_equal(batched[0], batched[1])  # the seeds do differ
 
 
+def test_diag_net_sharpness_is_a_measurement_only_and_label_noise_a_reproducible_change(tmp_path, one_torch_thread):
+    flags = ["--iterations", "300", "--eval-points", "10", "--seeds", "1", "2"]
+    check_sharpness_and_label_noise(diag_net.main, flags, utils.eval_iterations(300, 10, diag_net.DENSE_EVALS),
+                                    tmp_path)
+
+
 def test_diag_net_one_diverging_seed_is_logged_and_the_others_go_on(tmp_path, one_torch_thread):
     # E2 at 1 500 iterations: its SGD run at the paper's step size (η = 0.272, ÷20 at 50 %) blows up at iteration 131
     # for seed 6; seed 10 survives (measured)
@@ -1087,6 +1184,8 @@ def test_diag_net_flags_reach_the_shared_preset_mechanism():
     (["--large-lr-frac", "0.5", "--decay", "3"], "--large-lr-frac"),  # runs 2-4 would be identical
     (["--input-dim", "10"], "--support-size"),  # r = 20 > d
     (["--seeds", "1", "2", "1"], "--seeds"),
+    (["--preset", "e2", "--label-noise-std", "0.1"], "--label-noise-std"),  # E2 has GD runs: no seed, no noise
+    (["--sharpness-every", "-1"], "--sharpness-every"),
 ])
 def test_diag_net_bad_input_is_one_line_naming_the_flag(capsys, args, flag):
     with pytest.raises(SystemExit) as exit_info:
@@ -1384,8 +1483,8 @@ def test_plots_deep_table_gives_mean_and_std_over_seeds_per_configuration():
     rows = plots.deep_table("resnet18_cifar10", logs).splitlines()
     assert rows[0].startswith("| run | seeds | train error (%) | test error (%) | block1 dedup. density (%)")
     # two seeds: train error 10 % and 30 % -> 20.0 ± 14.1 (sample std); the 8-epoch run is a line of its own
-    assert "| 2 | 20.0 ± 14.1 | 20.0 ± 14.1 | 10.0 ± 7.1 | 10.0 ± 7.1 | 2.0 |" in rows[2]
-    assert "(epochs 8)" in rows[3] and "| 1 | 10.0 | 10.0 | 5.0 | 5.0 | 2.0 |" in rows[3]
+    assert "| 2 | 20.00 ± 14.14 | 20.0 ± 14.1 | 10.0 ± 7.1 | 10.0 ± 7.1 | 2.0 |" in rows[2]
+    assert "(epochs 8)" in rows[3] and "| 1 | 10.00 | 10.0 | 5.0 | 5.0 | 2.0 |" in rows[3]
 
 
 def test_plots_toy_table_reports_the_paper_seed_the_distribution_and_the_jitter_spread():
