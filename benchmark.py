@@ -19,6 +19,9 @@ shared, noisy machine slows both sides alike. The 1-minute load average before a
                        over --sparsity-examples images; same densities   authors' code)
   eval_overhead        share of wall time spent in evaluation during a train_resnet.py run with the default     ≤ 15 %
                        --eval-every and --sparsity-examples at the CPU setting (--width 16)
+  sharpness_cost       one --sharpness-every measurement (Lanczos,       one epoch of 10 000 training images   ≤ 1
+                       default tolerance, cold start) on 256 images,     at the loop's speed (item 1)
+                       ResNet-18 width 16
   seed_sweep           diag_net.py with 16 seeds                         the same with 1 seed (same iterations) ≤ 3×
   compute_efficiency   FLOP/s of the bare ResNet-18 (width 64)           the best dense float32 matrix product  ≥ 0.5
                        training step (FLOPs counted by torch)            of the machine (MKL matmul or oneDNN)
@@ -55,16 +58,18 @@ import train_resnet
 import utils
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-ITEMS = ("train_step", "data_path", "sparsity_dedup", "sparsity_blocks", "eval_overhead", "seed_sweep",
-         "compute_efficiency")
+ITEMS = ("train_step", "data_path", "sparsity_dedup", "sparsity_blocks", "eval_overhead", "sharpness_cost",
+         "seed_sweep", "compute_efficiency")
 
 # Sizes of the full run and of --quick (a smoke test of the machinery, seconds; its ratios are not meaningful).
 FULL = dict(repeats=3, width=16, batch=256, steps=10, dedup_shape=(10752, 4096), blocks_examples=10752,
             eval_steps=200, loader_workers=(0, 1, 2), loader_probe_batches=40, seed_iterations=100001,
-            peak_size=4096, efficiency_width=64, efficiency_batch=64, efficiency_steps=2, eval_examples=None)
+            peak_size=4096, efficiency_width=64, efficiency_batch=64, efficiency_steps=2, eval_examples=None,
+            sharpness_examples=256)
 QUICK = dict(repeats=1, width=16, batch=16, steps=2, dedup_shape=(1024, 384), blocks_examples=64,
              eval_steps=4, loader_workers=(0,), loader_probe_batches=2, seed_iterations=1000,
-             peak_size=512, efficiency_width=16, efficiency_batch=16, efficiency_steps=1, eval_examples=64)
+             peak_size=512, efficiency_width=16, efficiency_batch=16, efficiency_steps=1, eval_examples=64,
+             sharpness_examples=16)
 
 # ======================================================================================================================
 # Timing
@@ -429,6 +434,39 @@ def bench_eval_overhead(ctx):
     return record("eval_overhead", per_eval, period, "s", per_eval / period, ("<=", 0.15), details)
 
 
+EPOCH_IMAGES = 10000  # the CPU-sized deep-net runs train on 10 000 images
+
+
+def bench_sharpness_cost(ctx):
+    """Item 4b: one --sharpness-every measurement of train_resnet.py as it runs it (utils.hessian_top_eigenvalue with
+    the default tolerance, model in training mode, the first 256 training images as one batch) on a fresh ResNet-18
+    at --width 16, from a cold start (no previous eigenvector), against one epoch of 10 000 images at the training
+    loop's seconds per step (item 1). Measuring every k epochs then costs about ratio / k of a run: at the target,
+    ≤ 1, a measurement every 10 epochs stays under 10 %."""
+    size, device, data = ctx["size"], ctx["device"], ctx["data"]
+    args = train_resnet.build_parser().parse_args(
+        train_argv(size, "unused", device, ["--sharpness-examples", str(size["sharpness_examples"])]))
+    model = utils.apply_channels_last(args, train_resnet.ResNet18(data.num_classes, args.width).to(device), device)
+    images, labels = fixed_batch(data, args.sharpness_examples, args.channels_last, device)
+    seconds, estimates = [], []
+    for _ in range(size["repeats"]):
+        start = time.perf_counter()
+        estimates.append(utils.hessian_top_eigenvalue(model, lambda: F.cross_entropy(model(images), labels)))
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    per_measurement = statistics.median(seconds)
+    step_seconds = ctx.get("loop_step_seconds") or loop_step_seconds(ctx)
+    epoch_seconds = EPOCH_IMAGES // args.batch_size * step_seconds
+    details = {"width": args.width, "sharpness_examples": args.sharpness_examples, "batch_size": args.batch_size,
+               "rtol": utils.SHARPNESS_RTOL, "max_iters": utils.SHARPNESS_MAX_ITERS,
+               "hvps": [e.hvps for e in estimates], "converged": [e.converged for e in estimates],
+               "sharpness": estimates[-1].eigenvalue, "measurement_seconds": seconds,
+               "seconds_per_hvp": per_measurement / estimates[-1].hvps, "loop_s_per_step": step_seconds,
+               "epoch_images": EPOCH_IMAGES, "data": ctx["data_name"]}
+    return record("sharpness_cost", per_measurement, epoch_seconds, "s", per_measurement / epoch_seconds, ("<=", 1.0),
+                  details)
+
+
 def diag_net_seconds(seeds, iterations):
     """Seconds of diag_net.train, the vectorised SGD loop with its evaluations, for E1's constant run (η = 0.25) with
     these seeds as one batch, on one torch thread as diag_net.py runs it."""
@@ -600,6 +638,7 @@ def main(argv=None):
     benches = {"train_step": bench_train_step, "data_path": bench_data_path,
                "sparsity_dedup": bench_sparsity_dedup,
                "sparsity_blocks": bench_sparsity_blocks, "eval_overhead": bench_eval_overhead,
+               "sharpness_cost": bench_sharpness_cost,
                "seed_sweep": bench_seed_sweep, "compute_efficiency": bench_compute_efficiency}
     records, start = [], time.perf_counter()
     for name in [item for item in ITEMS if args.only is None or item in args.only]:

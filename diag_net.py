@@ -22,6 +22,10 @@ Definitions the code follows:
     last is the "final" point of the authors' printed numbers. The state after all N steps is logged as
     `after_training`. Train/test loss L, ‖β‖₀ = #{|β_i| > 1e-50}, ‖β‖₁, ‖(u, v)‖₂, balancedness ‖|u| − |v|‖₂, and the
     rank of the Jacobian φ(X_r) on the first 2d test points (JacobianRank).
+  * --sharpness-every K: `sharpness` = λ_max of the Hessian of the training loss L w.r.t. (u, v), exact (loss_hessian),
+    at the first evaluation point of every K iterations (utils.sharpness_iterations); plots compare it with 2/η.
+    --label-noise-std S: the SGD sample's target is y_i + S·ξ_t, ξ_t ~ N(0, 1) fresh at every step
+    (utils.toy_label_noise, from the SGD-order seed); the logged losses and the sharpness use the clean targets.
   * All seeds of a run advance together as rows of (seeds × d) arrays. A seed whose state becomes NaN/inf is logged
     as `diverged` (with `diverged_at`) and dropped from the batch; the others go on. Every log of a run carries
     `seed_summary` (utils.seed_summary: diverged fraction, medians of the others with their bootstrap 90 %
@@ -56,7 +60,7 @@ METRIC_KEYS = ("train_loss", "test_loss", "l0", "l1", "rank", "uv_norm", "balanc
 
 PER_RUN = ("algorithm", "lr", "large_lr_frac", "decay")  # one value for every run, or one value per run
 E1_DATA = dict(n_train=80, input_dim=200, support_size=20, n_test=1000, data_seed=0, init_scale=0.1, iterations=100001,
-               eval_points=250, sgd_seed=None, init_jitter=0.0)
+               eval_points=250, sgd_seed=None, init_jitter=0.0, sharpness_every=0, label_noise_std=0.0)
 PRESETS = {
     # E1 (main text): constant η = 0.25, and η = 0.282 decayed ÷4.8 / ÷3.4 / ÷1.5 after 10 / 30 / 50 % of training.
     # The decayed runs sit at the edge of divergence: compare them over seeds.
@@ -102,6 +106,13 @@ def build_parser():
          type=utils.nonnegative_int)
     knob("--init-jitter", "ε: multiply u0 by (1 + ε·N(0,1)), drawn from the seed (0 = off); with --sgd-seed held, the "
                           "seeds measure how chaotic a run is", type=utils.nonnegative_float)
+    knob("--sharpness-every", "K: log `sharpness`, the largest eigenvalue λ_max of the Hessian of the full training "
+                              "loss L = ‖Xβ − y‖²/(2n) (all n points, clean targets) w.r.t. (u, v), exact (closed "
+                              "form, eigvalsh), at the first evaluation point in every K iterations (0 = off); "
+                              "compare it with 2/lr", type=utils.nonnegative_int)
+    knob("--label-noise-std", "S: label-noise SGD: add fresh N(0, S²) noise to the target of each SGD sample, drawn "
+                              "from the seed of the SGD order (utils.toy_label_noise; 0 = off; SGD runs only)",
+         type=utils.nonnegative_float)
     parser.add_argument("--out-dir", default=os.path.join("runs", SCRIPT), help="folder for the JSON run logs")
     parser.add_argument("--log-interval", type=utils.nonnegative_float, default=2.0,
                         help="seconds between log saves during a run (0 = after every evaluation; always at the "
@@ -119,6 +130,9 @@ def parse_args(argv=None):
         utils.usage_error(err.flag, err.message)
     if config["support_size"] > config["input_dim"]:
         utils.usage_error("--support-size", f"r = {config['support_size']} must be at most d = {config['input_dim']}")
+    if config["label_noise_std"] and any(run["algorithm"] == "gd" for run in runs):
+        utils.usage_error("--label-noise-std", "applies to SGD runs only (a GD run is one deterministic run, without "
+                                               "a seed to draw the noise from); give --algorithm sgd")
     return args, config, runs, experiment
 
 # ======================================================================================================================
@@ -192,6 +206,29 @@ def half_mse(x, y, beta):
     return np.einsum("bn,bn->b", residual, residual) / (2 * len(y))
 
 
+def loss_hessian(data, u, v):
+    """The Hessian of the training loss L(u, v) = ‖X(u ⊙ v) − y‖²/(2n) w.r.t. w = (u, v), for each row of u, v:
+    (rows × 2d × 2d), exact. With G = XᵀX/n, g = Xᵀ(Xβ − y)/n and ∂β/∂w = [diag v, diag u]:
+    ∂²L/∂w_a∂w_b = c_a·G_ij·c_b (c = (v, u); i, j the coordinates of a, b: the Gauss–Newton part), plus g_i where
+    {a, b} = {u_i, v_i} (β_i = u_i·v_i is bilinear)."""
+    x, d = data["X"], u.shape[1]
+    gram = np.tile(x.T @ x / len(x), (2, 2))
+    g = ((u * v) @ x.T - data["y"]) @ x / len(x)
+    c = np.concatenate([v, u], axis=1)
+    hessian = c[:, :, None] * gram * c[:, None, :]
+    coordinate = np.arange(d)
+    hessian[:, coordinate, d + coordinate] += g
+    hessian[:, d + coordinate, coordinate] += g
+    return hessian
+
+
+def sharpness(data, u, v):
+    """λ_max of the training-loss Hessian (loss_hessian) for each row: its largest eigenvalue, exactly (eigvalsh of a
+    2d × 2d matrix; no iteration needed at this size). torch's eigvalsh on the one torch thread main() sets: numpy's
+    multi-threaded one ran 30× slower on a busy 2-core machine."""
+    return torch.linalg.eigvalsh(torch.from_numpy(loss_hessian(data, u, v)))[:, -1].numpy()
+
+
 # Speed trick, kept because it more than halves the wall time of the experiment (measured on a shared 2-core CPU:
 # --preset e1 --seeds 1..16 takes 19-22 s with it, 48-65 s with one d×d SVD per state and evaluation).
 class JacobianRank:
@@ -250,11 +287,14 @@ def evaluate(data, u, v, rank_of):
 
 
 def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None, on_diverge=None,
-          keep_trajectory=False, sgd_seed=None, init_jitter=0.0):
+          keep_trajectory=False, sgd_seed=None, init_jitter=0.0, sharpness_at=(), label_noise_std=0.0):
     """Train one run for all `seeds` at once (one batch row per seed; GD ignores the seed values).
 
     sgd_seed: every row samples the SGD order of this seed instead of its own. init_jitter: each row's u0 is
-    multiplied by its seed's utils.jitter_factors (rows of seed None, GD, are not jittered).
+    multiplied by its seed's utils.jitter_factors (rows of seed None, GD, are not jittered). sharpness_at: evaluation
+    iterations whose metrics include `sharpness` (a measurement only: the trajectory is the same without it).
+    label_noise_std: SGD only; the target of iteration t's sample gets the noise utils.toy_label_noise draws for t
+    from the row's SGD-order seed.
 
     lrs: (N,) step size of every iteration; evals: sorted evaluation iterations (< N, starting at 0); rank_of: a
     JacobianRank of the data's rank points.
@@ -272,6 +312,11 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
                 u[row] *= utils.jitter_factors([d], init_jitter, seed)[0]
     order_seeds = seeds if sgd_seed is None else [sgd_seed] * batch
     indices = sgd_indices(order_seeds, len(data["y"]), n_iters) if algorithm == "sgd" else None
+    if label_noise_std and algorithm != "sgd":
+        raise ValueError("label noise applies to SGD runs only")
+    noise = np.stack([utils.toy_label_noise(n_iters, label_noise_std, seed) for seed in order_seeds]) \
+        if label_noise_std else None
+    sharpness_at = {int(t) for t in sharpness_at}
     alive = np.arange(batch)
     diverged_at = np.full(batch, -1)
     trajectory = np.full((batch, n_iters + 1, 2 * d), np.nan) if keep_trajectory else None
@@ -299,6 +344,10 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
             if not finite.all():
                 metrics = {key: value[finite] for key, value in metrics.items()}
                 drop(~finite, t0)
+            if t0 in sharpness_at and len(alive):  # of the finite rows only
+                tick = time.monotonic()
+                metrics["sharpness"] = sharpness(data, u, v)
+                timing["metrics_s"] += time.monotonic() - tick
             tick = time.monotonic()
             if on_eval is not None and len(alive):
                 on_eval(int(t0), alive, metrics)
@@ -307,7 +356,8 @@ def train(data, lrs, algorithm, seeds, evals, init_scale, rank_of, on_eval=None,
             states = np.empty((len(alive), t1 - t0, 2 * d)) if keep_trajectory else None
             if algorithm == "sgd":
                 chunk = indices[alive, t0:t1]
-                u, v, residuals = sgd_steps(u, v, data["X"][chunk], data["y"][chunk], lrs[t0:t1], states)
+                targets = data["y"][chunk] if noise is None else data["y"][chunk] + noise[alive, t0:t1]
+                u, v, residuals = sgd_steps(u, v, data["X"][chunk], targets, lrs[t0:t1], states)
             else:
                 u, v, residuals = gd_steps(u, v, data["X"], data["y"], lrs[t0:t1], states)
             if keep_trajectory:
@@ -452,7 +502,8 @@ def execute_run(args, config, experiment, run_index, run, data, rank_of):
             stack.enter_context(log)
         evals = utils.eval_iterations(n_iters, config["eval_points"], DENSE_EVALS)
         result = train(data, lrs, run["algorithm"], seeds, evals, config["init_scale"], rank_of, on_eval, on_diverge,
-                       surface, config["sgd_seed"], config["init_jitter"])
+                       surface, config["sgd_seed"], config["init_jitter"],
+                       utils.sharpness_iterations(evals, config["sharpness_every"]), config["label_noise_std"])
         seconds = time.monotonic() - start
         statuses = ["diverged" if log.data["status"] == "diverged" else "completed" for log in logs]
         summary = utils.seed_summary(seeds, statuses, [log.data["final"] for log in logs])

@@ -61,6 +61,8 @@ NOT_THE_EXPERIMENT = frozenset({
     "out_dir", "data_dir", "download",
     "device", "precision", "compile", "channels_last", "deterministic",
     "eval_batch_size", "log_interval", "stop_at_epoch", "resume", "restart",
+    # measurements that do not change the trajectory (a run is the same with and without them; tested)
+    "sharpness_every", "sharpness_examples", "sharpness_examples_used", "sharpness_rtol", "sharpness_max_iters",
     # computed from the keys above and the data set: equal whenever those are
     "n_test", "num_classes", "steps_per_epoch", "total_steps", "sparsity_examples_used", "blocks", "decay_iter",
 })

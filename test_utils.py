@@ -240,6 +240,89 @@ def test_model_jacobian_matches_autograd_rows():
         assert torch.allclose(jac[i], row, atol=1e-6)
 
 
+def explicit_hessian(model, loss_of_model):
+    """The Hessian of loss_of_model(call) w.r.t. all parameters of `model`, flattened in parameters() order, from
+    torch.autograd.functional.hessian: the reference of the Lanczos estimate. call(*inputs) runs `model` with the
+    parameters being differentiated."""
+    names, params = zip(*model.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def flat_loss(flat):
+        values = dict(zip(names, (c.view_as(p) for c, p in zip(flat.split([p.numel() for p in params]), params))))
+        return loss_of_model(lambda *inputs: torch.func.functional_call(model, values, inputs))
+
+    return torch.autograd.functional.hessian(flat_loss, theta)
+
+
+def test_hessian_top_eigenvalue_matches_eigvalsh_of_the_explicit_hessian_on_a_tiny_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(3, (20,))
+    eigenvalues = torch.linalg.eigvalsh(explicit_hessian(model, lambda call: F.cross_entropy(call(x), y)))
+    estimate = utils.hessian_top_eigenvalue(model, lambda: F.cross_entropy(model(x), y), rtol=1e-10)
+    assert estimate.converged and estimate.hvps <= len(eigenvalues)  # Lanczos: at most one product per dimension
+    assert estimate.eigenvalue == pytest.approx(eigenvalues[-1].item(), rel=1e-4)
+    assert torch.linalg.vector_norm(estimate.vector).item() == pytest.approx(1.0)
+    # warm-started from its own eigenvector, the estimate is immediate; the default tolerance is within 1e-3
+    warm = utils.hessian_top_eigenvalue(model, lambda: F.cross_entropy(model(x), y), estimate.vector)
+    assert warm.converged and warm.hvps <= 2 and warm.eigenvalue == pytest.approx(eigenvalues[-1].item(), rel=1e-4)
+    default = utils.hessian_top_eigenvalue(model, lambda: F.cross_entropy(model(x), y))
+    assert default.converged and default.eigenvalue == pytest.approx(eigenvalues[-1].item(), rel=1e-3)
+    # the Hessian of −L has a negative eigenvalue larger in magnitude than its top one: still the top one is found
+    negated = utils.hessian_top_eigenvalue(model, lambda: -F.cross_entropy(model(x), y), rtol=1e-10)
+    assert eigenvalues[-1] > -eigenvalues[0] > 0
+    assert negated.eigenvalue == pytest.approx(-eigenvalues[0].item(), rel=1e-4)
+
+
+def test_hessian_top_eigenvalue_matches_eigvalsh_on_the_diagonal_network_and_its_closed_form():
+    import diag_net
+
+    data = diag_net.make_data(n_train=20, input_dim=30, support_size=3, n_test=10, data_seed=0)
+    u, v = np.full((1, 30), 0.1), np.zeros((1, 30))
+    indices = diag_net.sgd_indices([1], 20, 400)
+    u, v, _ = diag_net.sgd_steps(u, v, data["X"][indices], data["y"][indices], np.full(400, 0.3))  # off the init
+    x, y = torch.from_numpy(data["X"]), torch.from_numpy(data["y"])
+
+    class DiagonalNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u, self.v = torch.nn.Parameter(torch.from_numpy(u[0])), torch.nn.Parameter(torch.from_numpy(v[0]))
+
+        def forward(self, inputs):
+            return inputs @ (self.u * self.v)
+
+    def half_mse(call):  # diag_net's loss ‖Xβ − y‖²/(2n), checked against diag_net.half_mse below
+        return (call(x) - y).square().sum() / (2 * len(y))
+
+    model = DiagonalNet()
+    assert half_mse(model).item() == pytest.approx(diag_net.half_mse(data["X"], data["y"], u * v)[0], rel=1e-12)
+    hessian = explicit_hessian(model, half_mse)
+    top = torch.linalg.eigvalsh(hessian)[-1].item()
+    estimate = utils.hessian_top_eigenvalue(model, lambda: half_mse(model), rtol=1e-10)
+    assert estimate.converged and estimate.eigenvalue == pytest.approx(top, rel=1e-4)
+    # diag_net's closed-form Hessian and its exact sharpness, which the script logs
+    np.testing.assert_allclose(diag_net.loss_hessian(data, u, v)[0], hessian.numpy(), atol=1e-12)
+    assert diag_net.sharpness(data, u, v)[0] == pytest.approx(estimate.eigenvalue, rel=1e-4)
+
+
+def test_hessian_top_eigenvalue_is_of_the_training_mode_loss_and_changes_nothing():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()
+    model[1].running_mean.normal_()  # statistics that a measurement updating them would visibly change
+    images, labels = torch.rand(8, 3, 6, 6, dtype=torch.float64), torch.randint(3, (8,))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    estimate = utils.hessian_top_eigenvalue(model, lambda: F.cross_entropy(model(images), labels), rtol=1e-10)
+    assert torch.equal(rng, torch.get_rng_state())  # no global random number drawn
+    for key, value in model.state_dict().items():  # parameters, BN running mean/var and num_batches_tracked
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    # the Hessian of the loss with BatchNorm on the batch's own statistics (training mode): the loss SGD descends
+    eigenvalues = torch.linalg.eigvalsh(explicit_hessian(model, lambda call: F.cross_entropy(call(images), labels)))
+    assert estimate.converged and estimate.eigenvalue == pytest.approx(eigenvalues[-1].item(), rel=1e-4)
+
+
 # ======================================================================================================================
 # Toy-model helpers: evaluation points, seed summaries, presets
 # ======================================================================================================================
@@ -314,6 +397,26 @@ def test_jitter_factors_are_relative_reproducible_and_their_own_stream():
     assert not np.array_equal(utils.jitter_factors([(3, 4)], 1e-7, seed=3)[0], first)
     assert np.array_equal(utils.jitter_factors([(3, 4)], 0.0, seed=2)[0], np.ones((3, 4)))
     assert all(np.array_equal(a, b) for a, b in zip(state, np.random.get_state()))  # global numpy untouched
+
+
+def test_toy_label_noise_is_scaled_reproducible_fresh_per_step_and_its_own_stream():
+    state = np.random.get_state()
+    noise = utils.toy_label_noise(20000, 0.5, seed=3)
+    assert noise.shape == (20000,) and abs(noise.std() - 0.5) < 0.01 and abs(noise.mean()) < 0.01
+    assert np.array_equal(noise, utils.toy_label_noise(20000, 0.5, seed=3))
+    assert np.array_equal(utils.toy_label_noise(20000, 1.0, seed=3), 2 * noise)
+    assert not np.array_equal(noise, utils.toy_label_noise(20000, 0.5, seed=4))
+    assert np.unique(noise).size == noise.size  # a fresh draw at every step
+    assert not np.allclose(utils.jitter_factors([20000], 0.5, seed=3)[0] - 1, noise)  # not the jitter's draws
+    assert all(np.array_equal(a, b) for a, b in zip(state, np.random.get_state()))  # global numpy untouched
+
+
+def test_sharpness_iterations_are_the_first_evaluation_in_each_window_of_k_iterations():
+    evals = [0, 1, 2, 3, 7, 12, 20, 28]
+    assert utils.sharpness_iterations(evals, 5).tolist() == [0, 7, 12, 20, 28]  # windows [0, 5), [5, 10), ...
+    assert utils.sharpness_iterations(evals, 10).tolist() == [0, 12, 20]  # [20, 30) has 20 and 28: the first
+    assert utils.sharpness_iterations(evals, 1).tolist() == evals
+    assert utils.sharpness_iterations(evals, 0).tolist() == []
 
 
 def test_resolve_preset_names_a_chaos_measurement_apart():
@@ -637,6 +740,23 @@ def test_augment_batch_is_a_pure_function_of_seed_and_step():
     assert torch.equal(state, torch.get_rng_state())  # the global generator is untouched
     if torch.cuda.is_available():  # random numbers are drawn on the CPU: GPU batches are augmented identically
         assert torch.equal(a, utils.augment_batch(images.cuda(), seed=0, step=5).cpu())
+
+
+def test_label_noise_rate_uniform_labels_fresh_per_step_and_reproducible():
+    labels = torch.arange(256) % 10
+    state = torch.get_rng_state()
+    noisy = torch.stack([utils.label_noise(labels, 10, 0.3, seed=0, step=step) for step in range(200)])
+    changed = noisy != labels
+    # each label is redrawn with probability P, uniformly over all 10 classes: it changes with probability P·(1 − 1/C)
+    assert changed.float().mean().item() == pytest.approx(0.3 * 0.9, abs=0.01)
+    assert torch.bincount(noisy[changed], minlength=10).min() > 0.8 * changed.sum() / 10  # uniform over classes
+    assert not torch.equal(changed[0], changed[1])  # fresh noise at every step
+    assert torch.equal(noisy[5], utils.label_noise(labels, 10, 0.3, seed=0, step=5))  # a function of (seed, step)
+    assert not torch.equal(noisy[5], utils.label_noise(labels, 10, 0.3, seed=1, step=5))
+    assert torch.equal(utils.label_noise(labels, 10, 0.0, seed=0, step=5), labels)
+    assert (utils.label_noise(labels, 10, 1.0, seed=0, step=5) != labels).float().mean() > 0.8
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is untouched
+    assert torch.equal(labels, torch.arange(256) % 10)  # a new tensor: the data set's labels stay clean
 
 
 def test_augment_batch_of_blank_images_gives_shifted_rectangles():

@@ -152,6 +152,11 @@ def build_parser():
                        help="L2 penalty coefficient on all parameters")
     optim.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                        help="random crop (4-pixel zero padding) and horizontal flip, done per batch on the device")
+    optim.add_argument("--label-noise", type=utils.fraction, default=0.0,
+                       help="P: label-noise SGD: at every step each image of the batch gets, with probability P, a "
+                            "label drawn uniformly from all classes (possibly its own), fresh at every step and a "
+                            "function of --seed and the step (utils.label_noise); evaluations and the sharpness use "
+                            "the true labels")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-every", type=utils.positive_int, default=200,
                             help="iterations between evaluations (and checkpoints)")
@@ -163,6 +168,19 @@ def build_parser():
     evaluation.add_argument("--tau", type=utils.fraction, default=0.95,
                             help="τ: two neurons whose activations correlate above τ (in absolute value) are "
                                  "duplicates (the paper: 0.95 for deep nets)")
+    evaluation.add_argument("--sharpness-every", type=utils.nonnegative_int, default=0,
+                            help="K: log `sharpness` every K iterations, before that step's update (0 = off): the top "
+                                 "eigenvalue λ_max of the Hessian, w.r.t. all parameters, of the mean cross-entropy of "
+                                 "the first --sharpness-examples training images (unaugmented, true labels) as ONE "
+                                 "batch, with BatchNorm in training mode (that batch's statistics, running statistics "
+                                 "left unchanged): the loss an SGD step descends. Without autocast, by utils."
+                                 "hessian_top_eigenvalue: Lanczos, warm-started from the previous measurement, until "
+                                 f"an eigenvalue lies within {utils.SHARPNESS_RTOL:g} (relative) of the estimate, "
+                                 f"at most {utils.SHARPNESS_MAX_ITERS} Hessian-vector products. Compare it with 2/lr")
+    evaluation.add_argument("--sharpness-examples", type=utils.positive_int, default=256,
+                            help="the fixed training images of the sharpness, one batch (capped at the training-set "
+                                 "size); the default, 256, is the default --batch-size: the batch statistics are "
+                                 "those of an SGD batch")
     evaluation.add_argument("--eval-batch-size", type=utils.positive_int, default=None,
                             help="images per forward pass during evaluation (default: 128 on CPU, 512 on GPU; see "
                                  "utils.default_eval_batch_size); lower it if memory is short")
@@ -232,6 +250,7 @@ def main(argv=None):
     path = os.path.join(args.out_dir, utils.run_name(args, experiment, width=args.width))
     log_path, checkpoint_path = path + ".json", path + ".pt"
     step, window_loss, window_steps, elapsed_before, history = 0, 0.0, 0, 0.0, []
+    sharpness_vector = None  # the last sharpness measurement's eigenvector: the next one's warm start
     utils.check_earlier_run(args, log_path, checkpoint_path)
     if args.resume:
         state = utils.load_checkpoint(checkpoint_path, args, device)
@@ -239,6 +258,7 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         step, window_loss, window_steps = state["step"], state["window_loss"], state["window_steps"]
         elapsed_before, history = state["elapsed"], utils.logged_history(log_path, state["step"])
+        sharpness_vector = state.get("sharpness_vector")
         print(f"resuming {log_path} at iteration {step} (epoch {step / steps_per_epoch:.2f})")
         if stop_step <= step < total_steps:
             utils.usage_error("--stop-at-epoch", f"the checkpoint is at epoch {step / steps_per_epoch:.2f} already; "
@@ -246,7 +266,9 @@ def main(argv=None):
     config = {key: value for key, value in vars(args).items() if key not in ("resume", "restart")}
     config.update(n_train=n_train, n_test=len(data.test_labels), num_classes=data.num_classes,
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision_used=precision,
-                  sparsity_examples_used=min(args.sparsity_examples, n_train), blocks=list(blocks))
+                  sparsity_examples_used=min(args.sparsity_examples, n_train), blocks=list(blocks),
+                  sharpness_examples_used=min(args.sharpness_examples, n_train), sharpness_rtol=utils.SHARPNESS_RTOL,
+                  sharpness_max_iters=utils.SHARPNESS_MAX_ITERS)
     env = dict(utils.environment_info(device), n_params=sum(p.numel() for p in model.parameters()),
                deterministic=args.deterministic, compile=args.compile, channels_last=args.channels_last,
                precision=precision)
@@ -268,7 +290,19 @@ def main(argv=None):
     def checkpoint():
         utils.save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                               window_loss=window_loss.item(), window_steps=window_steps, elapsed=clock.elapsed(),
-                              args=vars(args), torch_rng=torch.get_rng_state())
+                              args=vars(args), torch_rng=torch.get_rng_state(), sharpness_vector=sharpness_vector)
+
+    def measure_sharpness():
+        """The --sharpness-every measurement (see its help). The model is in training mode here, as in the SGD step;
+        eager (compiled graphs have no double backward) and without autocast."""
+        nonlocal sharpness_vector
+        n = min(args.sharpness_examples, n_train)
+        images, labels = utils.images_to_float(data.train_images[:n], args.channels_last), data.train_labels[:n]
+        estimate = utils.hessian_top_eigenvalue(model, lambda: F.cross_entropy(model(images), labels),
+                                                sharpness_vector)
+        sharpness_vector = estimate.vector
+        return {"sharpness": estimate.eigenvalue, "sharpness_hvps": estimate.hvps,
+                "sharpness_converged": estimate.converged}
 
     def diverged(loss, logged=False):  # large step sizes do diverge: keep everything up to here, say so, stop
         if not logged:  # a record without `lr`: no step was taken at this iteration
@@ -283,13 +317,16 @@ def main(argv=None):
             # the step size of step `step`, computed once: logged with this step's evaluation, used by its update
             lr = utils.deep_step_size(step / steps_per_epoch, args.epochs, args.lr, args.lr_schedule,
                                       args.warmup_exp, args.large_lr_frac)
-            # evaluate before the update of every --eval-every-th step, and at the end
+            # evaluate before the update of every --eval-every-th step, and at the end; the sharpness before the update
+            # of every --sharpness-every-th step, in the evaluation's record when both fall on one step
+            measuring = args.sharpness_every and step % args.sharpness_every == 0 and step > last_logged
             if (step % args.eval_every == 0 or step == total_steps) and step > last_logged:
                 if not torch.isfinite(window_loss):
                     status = diverged(window_loss / window_steps)
                     break
                 with clock.evaluating():
                     record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr,
+                              **(measure_sharpness() if measuring else {}),
                               **utils.evaluate_classifier(model, data, blocks, args, autocast)}
                     if window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
                         record["train_loss_batches"] = window_loss.item() / window_steps
@@ -302,6 +339,13 @@ def main(argv=None):
                 if not math.isfinite(record["train_loss"]):
                     status = diverged(record["train_loss"], logged=True)
                     break
+            elif measuring:  # a record of its own, between evaluations (no checkpoint)
+                with clock.evaluating():
+                    record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr, **measure_sharpness()}
+                    log.record(**record, wall_time=clock.elapsed(), images_per_sec=clock.images_per_sec())
+                print(f"iter {step:>6}/{total_steps} ep {record['epoch']:6.2f} | lr {lr:.4g} | sharpness "
+                      f"{record['sharpness']:.4g} (2/lr {2 / lr:.4g}) from {record['sharpness_hvps']} Hessian-vector "
+                      f"products{'' if record['sharpness_converged'] else ' (not converged)'}", flush=True)
             if step >= stop_step or stop.requested:
                 break
 
@@ -313,11 +357,14 @@ def main(argv=None):
             images = data.train_images[batch]
             if args.augment:
                 images = utils.augment_batch(images, args.seed, step)
+            labels = data.train_labels[batch]
+            if args.label_noise:
+                labels = utils.label_noise(labels, data.num_classes, args.label_noise, args.seed, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = train_forward(utils.images_to_float(images, args.channels_last))
-                loss = F.cross_entropy(logits.float(), data.train_labels[batch])
+                loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

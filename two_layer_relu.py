@@ -26,6 +26,11 @@ Definitions the code follows:
     the Jacobian on the rank points, ε = 1e-4) and, per hidden layer k, density_layer<k> / density_dedup_layer<k>
     (utils.feature_sparsity of that layer's post-ReLU activations on the training points, each example's row scaled
     to unit norm, 0/0 -> 0, de-duplicated with threshold τ = --tau).
+  * --sharpness-every K: `sharpness` = λ_max of the Hessian of the full training loss (the plain MSE above, clean
+    targets) w.r.t. all weights, in float64 (utils.hessian_top_eigenvalue, with `sharpness_hvps` and
+    `sharpness_converged`), at the first evaluation point of every K iterations (utils.sharpness_iterations).
+    --label-noise-std S: the SGD sample's target is y_j + S·ξ_t, ξ_t ~ N(0, 1) fresh at every step
+    (utils.toy_label_noise, from the student seed); the logged losses use the clean targets.
   * Extra log keys: `function_grid` (E4: the learned function after training, with the data), `neurons` (E5: teacher
     directions and signs, student first-layer weights at init and at the end, output weights at the end),
     `run_index`, `timing`, `seeds_used` (the data and student seeds of this log), `seed_summary` (utils.seed_summary
@@ -72,19 +77,21 @@ PRESETS = {
     # η = 2e-4, linear warmup of factor F = 400·T, (T, D) = (0.02, 2.5) vs (0.5, 3.0); test set = training set.
     "e4": dict(seeds=[3], student_seed=None, init_jitter=0.0, dtype="float32", iterations=31623, eval_points=151,
                width=100, init_scale=2.5, init_scale_bias=2.5, init_scale_out=4.0, lr=[2e-4], large_lr_frac=[0.02, 0.5], decay=[2.5, 3.0], warmup_factor=[8.0, 200.0],
-               warmup_power=[1.0], tau=0.999, rank_eps=1e-4, rank_points=300, grid_points=500),
+               warmup_power=[1.0], tau=0.999, rank_eps=1e-4, rank_points=300, grid_points=500, sharpness_every=0,
+               label_noise_std=0.0),
     # E5 (main text; notebook fc_nets_two_layer.ipynb): d = 2, n = 15, 3 teacher neurons, 20 student neurons, no biases, W1 = 0.5·N(0,1), a = 0.
     "e5": dict(seeds=[0], data_seed=None, student_seed=None, init_jitter=0.0, dtype="float32", iterations=14126,
                eval_points=151, input_dim=2, n_train=15, n_test=1000,
                teacher_width=3, width=20, init_scale=0.5, init_scale_out=0.0, lr=[0.13, 0.455, 0.455, 0.455],
                large_lr_frac=[1.0, 0.1, 0.3, 0.5], decay=[1.0, 2.0, 4.0, 5.0], warmup_factor=[1.0],
-               warmup_power=[1.0], tau=0.99, rank_eps=1e-4, rank_points=None),
+               warmup_power=[1.0], tau=0.99, rank_eps=1e-4, rank_points=None, sharpness_every=0, label_noise_std=0.0),
     # E6 (appendix; notebook fc_nets_multi_layer.ipynb): d = 5, n = 50, teacher 5→2→2→1, student 5→10→10→1 (all with biases), weights 0.8·N(0,1).
     "e6": dict(seeds=[5], data_seed=None, student_seed=None, init_jitter=0.0, dtype="float32", iterations=10001,
                eval_points=151, input_dim=5, n_train=50, n_test=1000,
                teacher_width=2, width=10, init_scale=0.8, init_scale_out=0.8, lr=[0.011, 0.04, 0.04, 0.04],
                large_lr_frac=[1.0, 0.1, 0.3, 0.5], decay=[1.0, 3.5, 2.5, 5.0], warmup_factor=[1.0, 6.0, 6.0, 6.0],
-               warmup_power=[1.0, 0.5, 0.5, 0.5], tau=0.99, rank_eps=1e-4, rank_points=None),
+               warmup_power=[1.0, 0.5, 0.5, 0.5], tau=0.99, rank_eps=1e-4, rank_points=None, sharpness_every=0,
+               label_noise_std=0.0),
 }
 E4_OFFSETS = [-2.0, 1.5, 0.0, 0.0, 2.0, 1.0, 0.0, -1.0, 0.0, 1.0, 2.0, -1.0]  # E4 data: y = 0.345 + offsets
 
@@ -129,6 +136,13 @@ def build_parser():
     knob("--rank-points", "points for the Jacobian rank (e4: evenly spaced on the data range; e5/e6: the first test "
                           "points, auto = #params)", type=utils.positive_int)
     knob("--grid-points", "grid points of the stored learned function", type=utils.positive_int)
+    knob("--sharpness-every", "K: log `sharpness`, the largest eigenvalue λ_max of the Hessian of the full training "
+                              "loss, the plain mean of (h(x_i) − y_i)² (no ½) over the n training points with clean "
+                              "targets, w.r.t. all weights, in float64, by utils.hessian_top_eigenvalue (Lanczos, "
+                              f"relative tolerance {utils.SHARPNESS_RTOL:g}, warm-started), at the first evaluation "
+                              "point in every K iterations (0 = off); compare it with 2/lr", type=utils.nonnegative_int)
+    knob("--label-noise-std", "S: label-noise SGD: add fresh N(0, S²) noise to the target of each SGD sample, drawn "
+                              "from the student seed (utils.toy_label_noise; 0 = off)", type=utils.nonnegative_float)
     parser.add_argument("--out-dir", default=os.path.join("runs", SCRIPT), help="folder for the JSON run logs")
     return parser
 
@@ -403,6 +417,17 @@ def evaluate(layers, problem, config, model):
     return metrics, True
 
 
+def sharpness_metrics(model, layers, problem, vector):
+    """`sharpness` = λ_max of the Hessian of the full training loss, the plain mean of (h(x_i) − y_i)² over the
+    training points with their clean targets, at the weights `layers` (copied into the float64 torch `model`), by
+    utils.hessian_top_eigenvalue warm-started from `vector`. Returns (log keys, the eigenvector for the next one)."""
+    load_weights(model, layers)
+    x, y = torch.from_numpy(problem["x_train"]).double(), torch.from_numpy(problem["y_train"]).double()
+    estimate = utils.hessian_top_eigenvalue(model, lambda: (model(x)[:, 0] - y).square().mean(), vector)
+    return {"sharpness": estimate.eigenvalue, "sharpness_hvps": estimate.hvps,
+            "sharpness_converged": estimate.converged}, estimate.vector
+
+
 def run_seeds(config, seed):
     """The seeds one --seeds value s stands for: data and teacher from s + 1, student init and SGD order from s (as in
     the notebooks), unless --data-seed / --student-seed hold them fixed. E4's data are fixed: no data seed."""
@@ -425,16 +450,22 @@ def train_run(preset, config, run, seed, problem, log, timing):
     n_iters = config["iterations"]
     order = sgd_indices(len(problem["y_train"]), n_iters, student_seed)
     xs, ys = problem["x_train"][order], problem["y_train"][order]
+    if config["label_noise_std"]:  # label-noise SGD: fresh noise on the target of every step's sample
+        ys = (ys + utils.toy_label_noise(n_iters, config["label_noise_std"], student_seed)).astype(ys.dtype)
     # the notebooks divide the step size BEFORE the update of iteration ⌊T·N⌋
     lrs = utils.toy_step_sizes(n_iters, run["lr"], run["large_lr_frac"], run["decay"], run["warmup_factor"],
                                run["warmup_power"], decay_includes_k=True).astype(config["dtype"])
     model = torch_model(layers)
     evals = utils.eval_iterations(n_iters, config["eval_points"], DENSE_EVALS).tolist()  # starts at 0: segments cover every step
+    measured, vector = set(utils.sharpness_iterations(evals, config["sharpness_every"]).tolist()), None
     last_progress = time.monotonic()
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected from the losses, not from warnings
         for start, stop in zip(evals, evals[1:] + [n_iters]):
             tick = time.monotonic()
             metrics, finite = evaluate(layers, problem, config, model)
+            if finite and start in measured:
+                sharpness, vector = sharpness_metrics(model, layers, problem, vector)
+                metrics.update(sharpness)
             evaluated = time.monotonic()
             log.record(iter=start, lr=float(lrs[start]), **metrics)
             if time.monotonic() - last_progress > PROGRESS_EVERY_S:  # only long runs get progress lines
