@@ -1428,7 +1428,7 @@ def test_readme_sparsity_example_runs():
 # benchmark.py: speed of the pipeline against the best achievable on the same machine (targets reported, not tested)
 # ======================================================================================================================
 
-BENCHMARK_KEYS = {"name", "ours", "baseline", "unit", "ratio", "target", "met", "details"}
+BENCHMARK_KEYS = {"name", "ours", "baseline", "unit", "ratio", "target", "met", "verdict", "details"}
 
 
 def test_benchmark_quick_writes_every_documented_record(tmp_path):
@@ -1443,7 +1443,11 @@ def test_benchmark_quick_writes_every_documented_record(tmp_path):
         assert set(r) == BENCHMARK_KEYS, r["name"]
         assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("ours", "baseline", "ratio")), r
         op, value = r["target"].split()
-        assert r["met"] is (r["ratio"] >= float(value) if op == ">=" else r["ratio"] <= float(value))
+        if r["verdict"] == "INVALID":
+            assert r["met"] is None and r["details"]["invalid_reasons"]
+        else:
+            assert r["met"] is (r["ratio"] >= float(value) if op == ">=" else r["ratio"] <= float(value))
+            assert r["verdict"] == ("met" if r["met"] else "missed") and not r["details"]["invalid_reasons"]
         assert r["details"]["env"]["quick"] is True and r["details"]["env"]["data"].startswith("synthetic")
     by_name = {r["name"]: r for r in records}
     # the speed-ups are between identical results: the benchmark checks them and records that it did
@@ -1452,6 +1456,25 @@ def test_benchmark_quick_writes_every_documented_record(tmp_path):
     assert by_name["train_step"]["ratio"] == pytest.approx(by_name["train_step"]["ours"]
                                                            / by_name["train_step"]["baseline"])
     assert "train_step" in result.stdout and "wrote" in result.stdout  # the table is printed
+    table = run_script("benchmark.py", "--table", str(out))  # the README's markdown table, from the JSON alone
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.splitlines()
+    assert rows[0].startswith("`python benchmark.py` on ") and len(rows) == 4 + len(benchmark.ITEMS)
+    assert all(f"| {name} |" in table.stdout for name in benchmark.ITEMS) and "synthetic" in table.stdout
+
+
+def test_benchmark_verdicts_are_invalid_when_the_timings_cannot_be_trusted():
+    import benchmark
+
+    steady = benchmark.record("x", 1.0, 2.0, "s", 2.0, (">=", 1.5), {}, [[1.0, 1.1, 1.2], [2.0, 2.1]])
+    assert steady["verdict"] == "met" and steady["met"] is True
+    assert steady["details"]["spreads"] == pytest.approx([1.2, 1.05])
+    noisy = benchmark.record("x", 1.0, 2.0, "s", 2.0, (">=", 1.5), {}, [[1.0, 2.5], [2.0, 2.1]])
+    assert noisy["verdict"] == "INVALID" and noisy["met"] is None and "2.50×" in noisy["details"]["invalid_reasons"][0]
+    odd = benchmark.record("x", 1.0, 2.0, "s", 0.5, (">=", 0.9), {}, [[1.0], [2.0]], implausible="reference slower")
+    assert odd["verdict"] == "INVALID" and odd["details"]["invalid_reasons"] == ["reference slower"]
+    assert benchmark.record("x", 1.0, 2.0, "s", 0.5, (">=", 0.9), {})["verdict"] == "missed"
+    assert benchmark.side_by_side(lambda: None, lambda: None, 5)[2].__len__() == 5
 
 
 def test_benchmark_plain_greedy_reference_is_the_papers_definition():
