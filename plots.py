@@ -235,6 +235,31 @@ def draw_decay_lines(ax, positions, color):
         ax.axvline(x, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
 
 
+# The sharpness panel every drawer adds when its logs have `sharpness` records (--sharpness-every): (key, title,
+# log-scale y). Logs without them keep their figures exactly as before (no panel, same size).
+SHARPNESS_PANEL = ("sharpness", r"sharpness $\lambda_{max}$ (solid) vs $2/\eta$ (dashed), log scale", True)
+
+
+def has_sharpness(logs):
+    """Whether any evaluation record of any log holds a `sharpness` measurement."""
+    return any(record.get("sharpness") is not None for log in logs for record in log["history"])
+
+
+def draw_sharpness(ax, logs, color, x_key="iter", **style):
+    """λ_max, the logged `sharpness` (median over seeds with a min–max band, like every other panel), and the
+    stability threshold 2/η from the logged step size `lr`, dashed in the same colour, over the x range where λ_max
+    was measured. On a quadratic, GD with step η is stable only while λ_max < 2/η: large-step GD settles at 2/η (the
+    edge of stability), the paper's large-step SGD below it. No decay lines here: 2/η steps up at every decay."""
+    line = plot_metric(ax, logs, "sharpness", None, x_key, color, **style)
+    steps = metric_series(logs, "lr", x_key)
+    if line is None or steps is None:
+        return
+    measured = np.asarray(line.get_xdata(), dtype=float)
+    xs, lrs = steps[0], steps[1]
+    inside = (xs >= measured.min()) & (xs <= measured.max()) & (lrs > 0)
+    ax.plot(xs[inside], 2 / lrs[inside], color=color, linestyle="--", linewidth=1.0)
+
+
 # ======================================================================================================================
 # Figure drawers, one per script. Each takes (experiment name, its logs, out_dir) and returns the PNG paths it wrote.
 # ======================================================================================================================
@@ -313,11 +338,12 @@ def draw_deep_net(experiment, logs, out_dir):
     """Figure 1 of the paper for one model × data set, against epochs, one colour per line: step size, train loss,
     train error, test error, and per block the feature density (de-duplicated solid, raw dotted); dashed vertical
     lines at each line's step-size decays on every panel; the configuration in the title, what differs between
-    lines in the legend."""
+    lines in the legend. Logs with `sharpness` records add a sharpness panel (draw_sharpness) to the top row."""
     blocks = list(collections.OrderedDict.fromkeys(block for log in logs for block in log["config"].get("blocks", [])))
-    n_cols = max(len(DEEP_NET_PANELS), len(blocks))
+    top = DEEP_NET_PANELS + ([(SHARPNESS_PANEL[0], SHARPNESS_PANEL[1], 1, True)] if has_sharpness(logs) else [])
+    n_cols = max(len(top), len(blocks))
     fig, axes = new_figure(2, n_cols, (3.6 * n_cols, 6.4))
-    panels = [(axes[0, col], *panel) for col, panel in enumerate(DEEP_NET_PANELS)]
+    panels = [(axes[0, col], *panel) for col, panel in enumerate(top)]
     panels += [(axes[1, col], block, f"{block}: feature density (%)", 100, False) for col, block in enumerate(blocks)]
     handles = []
     lines = plot_lines(logs)
@@ -329,13 +355,16 @@ def draw_deep_net(experiment, logs, out_dir):
         for ax, key, title, scale, log_scale in panels:
             if key == "lr":
                 _deep_step_size_curve(ax, line, color, style)
+            elif key == "sharpness":  # its records may lack the other metrics: other panels skip records without theirs
+                draw_sharpness(ax, line.logs, color, "epoch", **style)
             elif key in blocks:
                 plot_metric(ax, line.logs, f"density_dedup_{key}", None, "epoch", color, scale, **style)
                 plot_metric(ax, line.logs, f"density_{key}", None, "epoch", color, scale,
                             **dict(style, linestyle=":", alpha=0.7))
             else:
                 plot_metric(ax, line.logs, key, None, "epoch", color, scale, **style)
-            draw_decay_lines(ax, deep_decay_epochs(line.logs[0]["config"]), color)
+            if key != "sharpness":
+                draw_decay_lines(ax, deep_decay_epochs(line.logs[0]["config"]), color)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
             if log_scale:
@@ -344,7 +373,7 @@ def draw_deep_net(experiment, logs, out_dir):
                 # than a decade, instead of 10^-2 and 2×10^0
                 ax.yaxis.set_major_formatter(PlainLogFormatter())
                 ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
-    for ax in axes.flat[len(DEEP_NET_PANELS):n_cols]:
+    for ax in axes.flat[len(top):n_cols]:
         ax.axis("off")
     for ax in axes[1, len(blocks):]:
         ax.axis("off")
@@ -416,9 +445,10 @@ def _relu_learned_function(ax, runs, label, color):
 
 def draw_relu_toy(experiment, logs, out_dir):
     """E4/E5/E6: losses (log scale), Jacobian rank and feature density (de-duplicated solid, raw dotted)
-    against iterations, one colour per run, dashed lines at the decay points; plus the E5 neuron-movement figure."""
+    against iterations, one colour per run, dashed lines at the decay points, and the sharpness (draw_sharpness) when
+    the logs have it; plus the E5 neuron-movement figure."""
     preset = logs[0]["config"]["preset"]
-    panels = RELU_TOY_PANELS[preset]
+    panels = RELU_TOY_PANELS[preset] + ([SHARPNESS_PANEL] if has_sharpness(logs) else [])
     fig, axes = new_figure(1, len(panels), (3.9 * len(panels), 3.4))
     for color_index, line in enumerate(plot_lines(logs)):
         color = f"C{color_index % 10}"
@@ -428,6 +458,11 @@ def draw_relu_toy(experiment, logs, out_dir):
             if key == "function":
                 _relu_learned_function(ax, drawn, label, color)
                 ax.set_xlabel("x")
+                continue
+            if key == "sharpness":
+                draw_sharpness(ax, drawn, color, **style)
+                ax.set_xlabel("iteration")
+                ax.set_yscale("log")
                 continue
             if key.startswith("density_"):
                 dedup_key = key.replace("density_", "density_dedup_", 1)
@@ -508,14 +543,19 @@ DIAG_NET_LOSS_CLIP = 100.0  # E3: the loss-surface contours are clipped at 100
 
 def _diag_net_curves(experiment, logs, out_dir, name):
     """E1/E2 panels: train and test loss (log scale), rank of φ(X), ‖β‖₀ against iterations; one colour
-    per run, median and min–max band over its non-diverged seeds, dashed lines at the decay iterations ⌊T·N⌋."""
-    fig, axes = new_figure(1, len(DIAG_NET_PANELS), (3.9 * len(DIAG_NET_PANELS), 3.4))
+    per run, median and min–max band over its non-diverged seeds, dashed lines at the decay iterations ⌊T·N⌋; and
+    the sharpness against 2/η (draw_sharpness) when the logs have it."""
+    panels = DIAG_NET_PANELS + ([SHARPNESS_PANEL] if has_sharpness(logs) else [])
+    fig, axes = new_figure(1, len(panels), (3.9 * len(panels), 3.4))
     for color_index, line in enumerate(plot_lines(logs)):
         color = f"C{color_index % 10}"
         label, drawn, style = _toy_seeds_to_draw(line)
-        for ax, (key, title, log_scale) in zip(axes[0], DIAG_NET_PANELS):
-            plot_metric(ax, drawn, key, label, color=color, **style)
-            draw_decay_lines(ax, toy_decay_iterations(line.logs[0]["config"]), color)
+        for ax, (key, title, log_scale) in zip(axes[0], panels):
+            if key == "sharpness":
+                draw_sharpness(ax, drawn, color, **style)
+            else:
+                plot_metric(ax, drawn, key, label, color=color, **style)
+                draw_decay_lines(ax, toy_decay_iterations(line.logs[0]["config"]), color)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
             if log_scale:
