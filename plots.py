@@ -55,12 +55,13 @@ def load_logs(folder):
 # itself (and the seed list of a multi-seed toy invocation); where files live and whether data may be downloaded; the
 # device and how the same computation is executed on it (requested precision — the one used is `precision_used` —,
 # compile, memory layout, deterministic kernels: rounding only); how evaluation is batched and how often a toy log is
-# rewritten; how a deep run was started or continued (--stop-at-epoch, --resume, --restart).
+# rewritten; how a deep run was started or continued (--stop-at-epoch, --resume, --restart); the requested --sync-bn
+# (what BatchNorm normalised over is `batchnorm_share`, which is compared).
 NOT_THE_EXPERIMENT = frozenset({
     "seed", "seeds",
     "out_dir", "data_dir", "download",
     "device", "precision", "compile", "channels_last", "deterministic",
-    "eval_batch_size", "log_interval", "stop_at_epoch", "resume", "restart",
+    "eval_batch_size", "log_interval", "stop_at_epoch", "resume", "restart", "sync_bn",
     # measurements that do not change the trajectory (a run is the same with and without them; tested)
     "sharpness_every", "sharpness_examples", "sharpness_examples_used", "sharpness_rtol", "sharpness_max_iters",
     # computed from the keys above and the data set: equal whenever those are

@@ -94,7 +94,7 @@ print(json.dumps([before, state()]))
 
 
 @pytest.mark.parametrize("module", ["utils", "diag_net", "two_layer_relu", "train_resnet", "train_densenet", "plots",
-                                    "benchmark"])
+                                    "benchmark", "sweep"])
 def test_importing_a_file_changes_nothing_in_the_process(module):
     result = run_script("-c", PROCESS_STATE % module)
     assert result.returncode == 0, result.stderr
@@ -599,6 +599,202 @@ def test_deep_net_data_dir_inside_the_cifar_folder_is_a_one_line_hint(fake_cifar
 def test_densenet_rejects_invalid_depth(tmp_path):
     result = run_script(*TINY_DENSENET, "--depth", "11", "--dataset", "synthetic", "--out-dir", str(tmp_path))
     assert result.returncode == 2 and "--depth" in result.stderr and result.stderr.count("\n") == 1
+
+
+# ======================================================================================================================
+# Many processes: torchrun (gloo, CPU) and sweeps (sweep.py, sweep.sbatch)
+# ======================================================================================================================
+
+# 256 synthetic images in batches of 64 (32 per process): 4 steps per epoch, evaluations at 0, 3, 6, 8. Momentum,
+# augmentation and label noise are on, so that every seeded draw of the two processes must be one process's.
+TORCHRUN_FLAGS = [*TINY_RESNET[1:], "--dataset", "synthetic", "--n-train", "256", "--epochs", "2", "--lr", "0.02",
+                  "--momentum", "0.9", "--augment", "--label-noise", "0.2", "--eval-every", "3"]
+
+
+def torchrun_command(script=TINY_RESNET[0]):
+    """`torchrun --standalone --nproc-per-node=2 SCRIPT` (a free port of its own, so tests may run side by side)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script]
+
+
+def torchrun(*args, script=TINY_RESNET[0], timeout=180):
+    return subprocess.run([*torchrun_command(script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """The folder and output of one uninterrupted 2-process run with TORCHRUN_FLAGS."""
+    out = tmp_path_factory.mktemp("torchrun_whole")
+    result = torchrun(*TORCHRUN_FLAGS, "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+class HalvesResNet(train_resnet.ResNet18):
+    """One process computing what two compute without SyncBatchNorm: a training forward pass normalises each half of
+    the batch (each process's share) on its own, and only the first half updates the BatchNorm running statistics
+    (rank 0's, which it evaluates and saves). The mean cross-entropy over both halves' logits is the mean of the two
+    processes' losses, the loss whose gradient DDP averages."""
+
+    def forward(self, x):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        first, second = x.chunk(2)
+        logits = super().forward(first)
+        # the second half updates copies of the buffers, dropped after (not the originals in place: the first half's
+        # backward still needs them unchanged)
+        kept = [(module, name, buffer) for module in self.modules()
+                for name, buffer in module.named_buffers(recurse=False)]
+        for module, name, buffer in kept:
+            setattr(module, name, buffer.clone())
+        logits = torch.cat([logits, super().forward(second)])
+        for module, name, buffer in kept:
+            setattr(module, name, buffer)
+        return logits
+
+
+def test_torchrun_two_processes_train_as_one_process_with_per_half_batchnorm(two_process_run, tmp_path, monkeypatch,
+                                                                            one_torch_thread):
+    """The reference runs on one thread, as each of torchrun's processes (OMP_NUM_THREADS=1): with two, rounding alone
+    moves this run's last test loss by 1e-3 (large steps amplify it); on one, the two agree to 1e-7."""
+    out, result = two_process_run
+    assert result.stdout.count("iter      0/8") == 1 and "and 1 more processes" in result.stdout  # rank 0 prints
+    monkeypatch.setattr(train_resnet, "ResNet18", HalvesResNet)
+    assert train_resnet.main([*TORCHRUN_FLAGS, "--out-dir", str(tmp_path)]) == "completed"
+    two, one = [json.load(open(only_log(folder))) for folder in (out, tmp_path)]
+    assert two["config"]["batchnorm_share"] == 32 and one["config"]["batchnorm_share"] is None
+    assert two["env"]["world_size"] == 2 and two["env"]["distributed_backend"] == "gloo"
+    assert two["env"]["sync_batchnorm"] is False and one["env"]["world_size"] == 1
+    assert [r["iter"] for r in two["history"]] == [r["iter"] for r in one["history"]] == [0, 3, 6, 8]
+    for a, b in zip(two["history"], one["history"]):
+        assert a["lr"] == b["lr"]
+        for key in ("train_loss_batches", "train_loss", "test_loss", "density_block4", "density_dedup_block5"):
+            if key in b or key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["iter"], key)
+    weights = [final_weights(folder) for folder in (out, tmp_path)]
+    assert weights[0].keys() == weights[1].keys()  # the plain network's names: no DDP "module." prefix
+    for name, tensor in weights[1].items():  # BatchNorm running statistics included
+        torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torchrun_run_stopped_and_resumed_ends_as_an_uninterrupted_one(two_process_run, tmp_path, capsys):
+    whole, _ = two_process_run
+    first = torchrun(*TORCHRUN_FLAGS, "--stop-at-epoch", "1", "--out-dir", str(tmp_path))
+    assert first.returncode == 0 and "--resume" in first.stdout, first.stderr[-3000:]
+    # one process would normalise over 64 images, not 32: refused, in one line
+    with pytest.raises(SystemExit) as refused:
+        train_resnet.main([*TORCHRUN_FLAGS, "--resume", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1 and "BatchNorm statistics were over 32 images" in err
+    second = torchrun(*TORCHRUN_FLAGS, "--resume", "--out-dir", str(tmp_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    states = [utils.read_checkpoint(only_log(folder)[:-5] + ".pt") for folder in (whole, tmp_path)]
+    assert states[0]["step"] == states[1]["step"] == 8
+    for name, tensor in states[0]["model"].items():
+        assert torch.equal(tensor, states[1]["model"][name]), name
+    logs = [json.load(open(only_log(folder))) for folder in (whole, tmp_path)]
+    assert logs[1]["status"] == "completed"
+    strip = ("wall_time", "images_per_sec")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in logs[0]["history"]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in logs[1]["history"]]
+
+
+def test_torchrun_sigterm_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+    import signal
+    flags = [*TINY_RESNET[1:], "--dataset", "synthetic", "--n-train", "256", "--epochs", "100", "--eval-every", "40",
+             "--out-dir", str(tmp_path)]
+    process = subprocess.Popen([*torchrun_command(), *flags], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("iter") and not line.startswith("iter      0"):
+            break
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0  # torchrun reports the signal it got
+    assert "SIGTERM: stopping" in out and "checkpoint saved, continue with --resume" in out, err[-3000:]
+    assert json.load(open(only_log(tmp_path)))["status"] == "interrupted"
+    step = utils.read_checkpoint(only_log(tmp_path)[:-5] + ".pt")["step"]
+    assert 40 < step < 400 and step % utils.DIVERGENCE_CHECK_EVERY == 0  # where the processes agree to stop
+
+
+def test_torchrun_an_error_in_one_process_ends_the_job(tmp_path):
+    """An exception in process 1 at step 5: process 0 fails in its next collective (gloo: connection closed) and
+    torchrun ends the job; nothing waits for a process that is gone."""
+    failing = tmp_path / "failing.py"
+    failing.write_text(f"""import os, sys
+sys.path.insert(0, {REPO!r})
+import train_resnet, utils
+augment = utils.augment_batch
+def failing_augment(images, seed, step, *rest):
+    if step == 5 and os.environ["RANK"] == "1":
+        raise RuntimeError("injected failure in process 1")
+    return augment(images, seed, step, *rest)
+utils.augment_batch = failing_augment
+train_resnet.main()
+""")
+    out = tmp_path / "runs"
+    result = torchrun(*TINY_RESNET[1:], "--dataset", "synthetic", "--n-train", "256", "--epochs", "100", "--augment",
+                      "--eval-every", "40", "--out-dir", str(out), script=str(failing), timeout=120)
+    assert result.returncode != 0 and "injected failure in process 1" in result.stderr
+    assert json.load(open(only_log(out)))["status"] == "failed"
+
+
+@pytest.mark.parametrize("args, flag, message", [(["--batch-size", "63"], "--batch-size", "give a multiple of 2"),
+                                                  (["--sync-bn"], "--sync-bn", "runs on CUDA only")])
+def test_torchrun_flags_that_depend_on_the_processes_are_usage_errors(args, flag, message, tmp_path):
+    result = torchrun(*TINY_RESNET[1:], "--dataset", "synthetic", *args, "--out-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert f"train_resnet.py: error: argument {flag}: " in result.stderr and message in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr and not os.listdir(tmp_path)  # stopped before any file
+
+
+def test_deep_net_help_states_the_cpu_batchnorm_caveat():
+    for module in (train_resnet, train_densenet):
+        text = " ".join(module.build_parser().format_help().split())
+        assert "--sync-bn" in text and "On the CPU torch's SyncBatchNorm does not run" in text
+
+
+def test_sweep_expands_counts_picks_and_runs_a_list(tmp_path, capsys):
+    import sweep
+    assert sweep.main(["expand", "--lr", "0.5", "0.75", "--large-lr-frac", "0.1", "0.3", "0.5", "--seeds", "0", "1",
+                       "--out-dir", "shared dir", "--", "--epochs", "30", "--data-dir", "~/data"]) == 0
+    listed = tmp_path / "sweep.txt"
+    listed.write_text(capsys.readouterr().out + "\n# a comment, then a blank line\n\n")
+    commands = sweep.read_commands(listed)
+    assert len(commands) == 2 * 3 * 2 and listed.read_text().startswith("# python sweep.py expand --lr 0.5")
+    assert commands[0] == ("python train_resnet.py --lr 0.5 --large-lr-frac 0.1 --seed 0 --epochs 30 --data-dir "
+                           "'~/data' --out-dir 'shared dir'")  # one shell-quoted command per line
+    assert commands[-1].startswith("python train_resnet.py --lr 0.75 --large-lr-frac 0.5 --seed 1 ")
+    grid = {tuple(line.split()[3:9:2]) for line in commands}  # (lr, T, seed) of every line: the whole product
+    assert grid == {(lr, t, s) for lr in ("0.5", "0.75") for t in ("0.1", "0.3", "0.5") for s in ("0", "1")}
+    assert sweep.main(["count", str(listed)]) == 0 and capsys.readouterr().out == "12\n"
+    assert sweep.main(["pick", str(listed), "4"]) == 0 and capsys.readouterr().out == commands[4] + "\n"
+    with pytest.raises(SystemExit) as error:
+        sweep.main(["pick", str(listed), "12"])
+    assert error.value.code == 2 and "0 to 11" in capsys.readouterr().err
+    # `run`: each command sees the one GPU it was given, at most one command per GPU at a time
+    probe = tmp_path / "probe.txt"
+    probe.write_text("".join(f"echo {i} $CUDA_VISIBLE_DEVICES > {tmp_path}/ran{i}; sleep 0.3\n" for i in range(5))
+                     + "exit 3\n")
+    assert sweep.run_on_gpus(sweep.read_commands(probe), ["4", "7"], poll_seconds=0.05) == [(3, "exit 3")]
+    ran = [(tmp_path / f"ran{i}").read_text().split() for i in range(5)]
+    assert [i for i, _ in ran] == list("01234") and {gpu for _, gpu in ran} == {"4", "7"}
+    assert ran[0][1] != ran[1][1]  # the first two started side by side, one on each GPU
+
+
+def test_sweep_sbatch_runs_the_line_of_its_array_task(tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text("# two commands\necho zero\n\necho one 'two words'\n")
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", SLURM_SUBMIT_DIR=REPO,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    result = subprocess.run(["bash", "sweep.sbatch", str(listed), "--resume"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "one two words --resume"  # the task's line, with the flags added
+    env["SLURM_ARRAY_TASK_ID"] = "2"
+    result = subprocess.run(["bash", "sweep.sbatch", str(listed)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "outside the list's 2 commands" in result.stderr
 
 
 # ======================================================================================================================
@@ -1370,6 +1566,62 @@ def test_plots_deep_net_figure_shows_step_size_decays_train_error_and_configurat
         decays = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
         assert decays == pytest.approx([2.5, 12.5, 22.5, 22.5]), ax.get_title()
     assert "plain SGD" in _draw_deep([_deep_log()], monkeypatch, tmp_path)[0]._suptitle.get_text()
+    plt.close("all")
+
+
+@pytest.mark.parametrize("script", ["diag_net", "two_layer_relu", "train_resnet"])
+def test_plots_sharpness_panel_only_when_the_logs_have_sharpness(script, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import plots
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+
+    def two_seeds(with_sharpness):
+        """Two seeds of one run; with sharpness 5, 10 (seed 0) and 15, 20 (seed 1) at the first two measurements."""
+        logs = []
+        for seed in (0, 1):
+            values = [5.0 + 10 * seed, 10.0 + 10 * seed]
+            if script == "train_resnet":  # evaluations every 64 steps; the sharpness as records of their own, between
+                log = _deep_log(seed=seed)  # them, without the other metrics (as train_resnet.py logs it)
+                if with_sharpness:
+                    log["history"] = sorted(log["history"] + [
+                        {"iter": i, "epoch": i / 40, "lr": utils.deep_step_size(i / 40, 25, 0.75, "piecewise", 1.05,
+                                                                                0.5), "sharpness": value}
+                        for i, value in zip([32, 96], values)], key=lambda record: record["iter"])
+            else:  # toys: the sharpness inside the evaluation records at iterations 0 and 20 (lr 0.1: 2/η = 20)
+                config = {"n_train": 20, "input_dim": 30, "support_size": 3} if script == "diag_net" else \
+                    {"preset": "e5", "input_dim": 3}
+                log = _toy_log(script, "A", 0, seed, "completed", [1.0, 0.5, 0.1], **config)
+                for record, value in zip(log["history"][::2], values if with_sharpness else []):
+                    record["sharpness"] = value
+            logs.append(log)
+        return logs
+
+    figures.clear()
+    plots.DRAWERS[script]("x", two_seeds(False), str(tmp_path))
+    without = [ax.get_title() for ax in figures[0].axes if ax.axison]
+    assert without and not any("sharpness" in title for title in without)
+    figures.clear()
+    plots.DRAWERS[script]("x", two_seeds(True), str(tmp_path))
+    panels = [ax for ax in figures[0].axes if ax.axison]
+    titles = [ax.get_title() for ax in panels]
+    assert [title for title in titles if title != plots.SHARPNESS_PANEL[1]] == without  # one panel more, the others
+    (sharpness,) = [ax for ax in panels if ax.get_title() == plots.SHARPNESS_PANEL[1]]
+    assert sharpness.get_yscale() == "log"
+    solid, dashed = sharpness.get_lines()  # λ_max (median over seeds) and 2/η, dashed, in the same colour
+    assert list(solid.get_ydata()) == [10.0, 15.0] and dashed.get_linestyle() == "--"
+    assert dashed.get_color() == solid.get_color()
+    if script == "train_resnet":
+        assert list(solid.get_xdata()) == [0.8, 2.4]  # epochs 32/40 and 96/40
+        # 2/η at every logged step size from the first to the last measurement: the two and the evaluation between
+        assert list(dashed.get_xdata()) == [0.8, 1.6, 2.4]
+        assert list(dashed.get_ydata()) == pytest.approx([2 / utils.deep_step_size(epoch, 25, 0.75, "piecewise", 1.05,
+                                                                                   0.5) for epoch in [0.8, 1.6, 2.4]])
+        # the sharpness-only records leave the other panels alone: the train loss has no point at epoch 0.8
+        train_loss = next(ax for ax in panels if ax.get_title().startswith("train loss")).get_lines()[0]
+        assert 0.8 not in list(train_loss.get_xdata()) and not np.isnan(train_loss.get_ydata()).any()
+    else:
+        assert list(solid.get_xdata()) == [0, 20] and list(dashed.get_ydata()) == [20.0, 20.0, 20.0]
     plt.close("all")
 
 

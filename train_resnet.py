@@ -11,6 +11,7 @@ steps; the longer the large-step phase, the sparser. Model: the authors' post-ac
     python train_resnet.py --dataset cifar100 --lr 0.75 --warmup-exp 1.05    # E8 (same flags as E7)
     python train_resnet.py --momentum 0.9 --weight-decay 5e-4 --augment --lr 0.05 --warmup-exp 1   # E9
     python plots.py --logs runs/train_resnet --out-dir figures               # figures/resnet18_cifar10.png
+    torchrun --standalone --nproc-per-node=4 train_resnet.py --lr 0.5 --warmup-exp 1.05   # one run on 4 GPUs
 
 Each run writes one JSON log and one checkpoint into --out-dir (add --download the first time to fetch the data into
 --data-dir); the same command again finds them and stops: add --resume to continue, --restart to start over. Measured
@@ -21,6 +22,8 @@ evaluate and log every --eval-every iterations, one SGD step with the step size 
 end of the run (completed, diverged, stopped by --stop-at-epoch, Ctrl-C or SIGTERM). The mechanics (data on the
 device, sparsity hooks, atomic logs and checkpoints, signal handling) are small functions of utils.py; this loop is
 repeated in train_densenet.py on purpose, so that each script is a complete experiment to read and to copy.
+Under torchrun the same loop runs in every process (utils.Processes): each trains on its share of the same global
+batch, rank 0 evaluates, logs and checkpoints, and the processes agree on every decision that ends the loop.
 `--lr` is η0, the step size BEFORE warmup: the peak is η0·w^(100T) (1.629, 4.322, 11.467 × η0 for w = 1.05 and
 T = 0.1, 0.3, 0.5).
 """
@@ -211,6 +214,11 @@ def build_parser():
                      help="NHWC memory format for images and conv weights (faster convolutions on CPU and GPU)")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic CUDA kernels (cuDNN benchmark off); slower, bit-reproducible on one GPU")
+    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                     help="under torchrun (N processes, each on B/N images of the --batch-size B): SyncBatchNorm, "
+                          "BatchNorm statistics over the whole batch as in one process (default on CUDA). On the CPU "
+                          "torch's SyncBatchNorm does not run: each process normalises its own B/N images (logged as "
+                          "config.batchnorm_share). No effect in a single process")
     model = parser.add_argument_group("model")
     model.add_argument("--width", type=utils.positive_int, default=64,
                        help="w: channels of the first stage (stages have w, 2w, 4w, 8w); 64 = standard ResNet-18")
@@ -229,16 +237,19 @@ def main(argv=None):
         device = utils.resolve_device(args.device)
     except ValueError as err:
         utils.usage_error("--device", str(err))
+    processes = utils.Processes.start(args, device)  # this process alone, or torchrun's N (then: cuda:LOCAL_RANK)
+    device = processes.device
     precision = utils.configure_backend(args, device)
     utils.prepare_out_dir(args.out_dir)
-    utils.seed_everything(args.seed)
+    utils.seed_everything(args.seed)  # the same seed in every process: the same initial weights
 
     # ---- data, model, optimizer ----
     data = utils.load_data(args, device)
     model = utils.apply_channels_last(args, ResNet18(data.num_classes, args.width).to(device), device)
     blocks = model.SPARSITY_BLOCKS
+    train_model = processes.wrap(model)  # under torchrun: DistributedDataParallel (and SyncBatchNorm, see --sync-bn)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    train_forward = torch.compile(model) if args.compile else model  # evaluation runs eager (it needs its hooks)
+    train_forward = torch.compile(train_model) if args.compile else train_model  # evaluation runs eager (hooks)
     autocast = precision == "bf16"
     n_train = len(data.train_labels)
     steps_per_epoch = n_train // args.batch_size  # full batches only (see utils.epoch_batches)
@@ -251,9 +262,9 @@ def main(argv=None):
     log_path, checkpoint_path = path + ".json", path + ".pt"
     step, window_loss, window_steps, elapsed_before, history = 0, 0.0, 0, 0.0, []
     sharpness_vector = None  # the last sharpness measurement's eigenvector: the next one's warm start
-    utils.check_earlier_run(args, log_path, checkpoint_path)
-    if args.resume:
-        state = utils.load_checkpoint(checkpoint_path, args, device)
+    processes.on_main(utils.check_earlier_run, args, log_path, checkpoint_path)  # the files are shared: rank 0 decides
+    if args.resume:  # every process loads the same checkpoint
+        state = utils.load_checkpoint(checkpoint_path, args, device, processes.batchnorm_share)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, window_loss, window_steps = state["step"], state["window_loss"], state["window_steps"]
@@ -268,29 +279,33 @@ def main(argv=None):
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision_used=precision,
                   sparsity_examples_used=min(args.sparsity_examples, n_train), blocks=list(blocks),
                   sharpness_examples_used=min(args.sharpness_examples, n_train), sharpness_rtol=utils.SHARPNESS_RTOL,
-                  sharpness_max_iters=utils.SHARPNESS_MAX_ITERS)
+                  sharpness_max_iters=utils.SHARPNESS_MAX_ITERS, batchnorm_share=processes.batchnorm_share)
     env = dict(utils.environment_info(device), n_params=sum(p.numel() for p in model.parameters()),
                deterministic=args.deterministic, compile=args.compile, channels_last=args.channels_last,
-               precision=precision)
-    log = utils.RunLog(log_path, SCRIPT, config, env, history=history, experiment=experiment,
-                       run=utils.schedule_label(args), seed=args.seed)
+               precision=precision, **processes.info())
+    log = utils.RunLog(log_path if processes.is_main else None, SCRIPT, config, env, history=history,
+                       experiment=experiment, run=utils.schedule_label(args), seed=args.seed)
     if step >= total_steps:
         print(f"this run is already complete: {log_path}")
         log.finish("completed")
+        processes.close()
         return "completed"
     print(f"{log.data['run']} | {data.name}: {n_train} train / {len(data.test_labels)} test images | "
-          f"{env['n_params']:,} parameters | {total_steps} iterations ({steps_per_epoch}/epoch) on {device}\n"
-          f"log: {log_path}")
+          f"{env['n_params']:,} parameters | {total_steps} iterations ({steps_per_epoch}/epoch) on {device}"
+          f"{f' and {processes.world_size - 1} more processes' if processes.world_size > 1 else ''}\nlog: {log_path}")
 
     # ---- the training loop ----
     window_loss = torch.tensor(window_loss, device=device)  # summed mini-batch losses since the last evaluation,
     last_logged = history[-1]["iter"] if history else -1  # kept on the device: no host sync per step
     clock, first_step, batches, status = utils.RunClock(elapsed_before), step, None, "completed"
+    stop_signal = 0  # the signal (Ctrl-C, SIGTERM) on which every process has agreed to stop
 
-    def checkpoint():
-        utils.save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                              window_loss=window_loss.item(), window_steps=window_steps, elapsed=clock.elapsed(),
-                              args=vars(args), torch_rng=torch.get_rng_state(), sharpness_vector=sharpness_vector)
+    def checkpoint():  # rank 0's: the weights and the loss window are the same in every process
+        if processes.is_main:
+            utils.save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                  step=step, window_loss=window_loss.item(), window_steps=window_steps,
+                                  elapsed=clock.elapsed(), args=vars(args), torch_rng=torch.get_rng_state(),
+                                  sharpness_vector=sharpness_vector, batchnorm_share=processes.batchnorm_share)
 
     def measure_sharpness():
         """The --sharpness-every measurement (see its help). The model is in training mode here, as in the SGD step;
@@ -312,7 +327,7 @@ def main(argv=None):
               f"setting. Log: {log_path}")
         return "diverged"
 
-    with log, utils.StopOnSignal() as stop:
+    with log, utils.StopOnSignal(repeat_aborts=processes.world_size == 1) as stop:
         while True:
             # the step size of step `step`, computed once: logged with this step's evaluation, used by its update
             lr = utils.deep_step_size(step / steps_per_epoch, args.epochs, args.lr, args.lr_schedule,
@@ -321,32 +336,42 @@ def main(argv=None):
             # of every --sharpness-every-th step, in the evaluation's record when both fall on one step
             measuring = args.sharpness_every and step % args.sharpness_every == 0 and step > last_logged
             if (step % args.eval_every == 0 or step == total_steps) and step > last_logged:
-                if not torch.isfinite(window_loss):
+                if not torch.isfinite(window_loss):  # (the loss window is the same in every process)
                     status = diverged(window_loss / window_steps)
                     break
+                train_loss = 0.0
                 with clock.evaluating():
-                    record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr,
-                              **(measure_sharpness() if measuring else {}),
-                              **utils.evaluate_classifier(model, data, blocks, args, autocast)}
-                    if window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
-                        record["train_loss_batches"] = window_loss.item() / window_steps
-                    log.record(**record, wall_time=clock.elapsed(), images_per_sec=clock.images_per_sec())
+                    if processes.is_main:  # under torchrun, rank 0 evaluates the network as one process does
+                        record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr,
+                                  **(measure_sharpness() if measuring else {}),
+                                  **utils.evaluate_classifier(model, data, blocks, args, autocast)}
+                        if window_steps:  # mean mini-batch loss (train mode, augmented) since the last evaluation
+                            record["train_loss_batches"] = window_loss.item() / window_steps
+                        log.record(**record, wall_time=clock.elapsed(), images_per_sec=clock.images_per_sec())
+                        train_loss = record["train_loss"]
                     window_loss, window_steps = torch.zeros((), device=device), 0
                     if step > 0:
                         checkpoint()
-                eta = clock.remaining_seconds(step, stop_step, total_steps, args.eval_every)
-                print(utils.progress_line(log.data["final"], total_steps, list(blocks)[-1], clock, eta), flush=True)
-                if not math.isfinite(record["train_loss"]):
-                    status = diverged(record["train_loss"], logged=True)
+                if processes.is_main:
+                    eta = clock.remaining_seconds(step, stop_step, total_steps, args.eval_every)
+                    print(utils.progress_line(log.data["final"], total_steps, list(blocks)[-1], clock, eta),
+                          flush=True)
+                # rank 0's verdict reaches every process (which also waits here until rank 0 has evaluated)
+                if processes.from_main(not math.isfinite(train_loss)):
+                    status = diverged(train_loss, logged=True)
                     break
-            elif measuring:  # a record of its own, between evaluations (no checkpoint)
+            elif measuring and processes.is_main:  # a record of its own, between evaluations (no checkpoint)
                 with clock.evaluating():
                     record = {"iter": step, "epoch": step / steps_per_epoch, "lr": lr, **measure_sharpness()}
                     log.record(**record, wall_time=clock.elapsed(), images_per_sec=clock.images_per_sec())
                 print(f"iter {step:>6}/{total_steps} ep {record['epoch']:6.2f} | lr {lr:.4g} | sharpness "
                       f"{record['sharpness']:.4g} (2/lr {2 / lr:.4g}) from {record['sharpness_hvps']} Hessian-vector "
                       f"products{'' if record['sharpness_converged'] else ' (not converged)'}", flush=True)
-            if step >= stop_step or stop.requested:
+            # Ctrl-C or SIGTERM: one process stops at once; torchrun's processes agree on it every
+            # DIVERGENCE_CHECK_EVERY steps (one all_reduce of one number: no host sync at every step)
+            if processes.world_size == 1 or step % utils.DIVERGENCE_CHECK_EVERY == 0:
+                stop_signal = processes.any_rank(stop.requested)
+            if step >= stop_step or stop_signal:
                 break
 
             # one SGD step on the next full batch of this epoch's seeded permutation
@@ -360,15 +385,17 @@ def main(argv=None):
             labels = data.train_labels[batch]
             if args.label_noise:
                 labels = utils.label_noise(labels, data.num_classes, args.label_noise, args.seed, step)
+            # under torchrun: this process's B/N images, cut from the global batch after its seeded draws
+            images, labels = processes.share(images), processes.share(labels)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = train_forward(utils.images_to_float(images, args.channels_last))
                 loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under torchrun DDP averages the processes' gradients: that of the global batch's mean
             optimizer.step()
-            window_loss += loss.detach()
+            window_loss += processes.mean(loss.detach())  # the global batch's mean loss, in every process
             window_steps += 1
             step += 1
             clock.add_step(len(batch))
@@ -386,8 +413,9 @@ def main(argv=None):
             status = "interrupted"
             print(f"stopped at iteration {step}; checkpoint saved, continue with --resume")
         log.finish(status)
-    if stop.requested:
-        raise SystemExit(128 + stop.requested)  # the shell's convention (130 for Ctrl-C), so a sweep loop stops too
+    processes.close()
+    if stop_signal or stop.requested:  # the shell's convention (130 for Ctrl-C), so a sweep loop stops too
+        raise SystemExit(128 + (stop_signal or stop.requested))
     return status
 
 

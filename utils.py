@@ -20,7 +20,8 @@ Contents, in reading order:
   6. Deep-net building blocks   check_deep_net_args, default_eval_batch_size, configure_backend, apply_channels_last,
                                 load_data, run_name, schedule_label, evaluate_classifier, save_checkpoint,
                                 read_checkpoint, CheckpointError, load_checkpoint, logged_history,
-                                check_earlier_run, StopOnSignal, RunClock, progress_line
+                                check_earlier_run, StopOnSignal, RunClock, progress_line,
+                                Processes (one process, or torchrun's N with DistributedDataParallel)
 The definitions follow the paper; the README's "Definitions" section states them in full.
 """
 import argparse
@@ -647,7 +648,8 @@ class RunLog:
     The file is rewritten atomically after every `record`, so the log on disk is always valid JSON that contains
     everything measured so far. Use as a context manager: Ctrl-C marks the run `interrupted`, any other
     exception `failed` (with the error message), and both still save the log before the exception propagates.
-    Add records with `record` (not by editing `data["history"]`, which is kept for reading).
+    Add records with `record` (not by editing `data["history"]`, which is kept for reading). path=None keeps the
+    log in memory only (the processes of a torchrun run other than rank 0, which writes the file).
     """
 
     def __init__(self, path, script, config, env=None, history=None, **extra):
@@ -675,8 +677,9 @@ class RunLog:
         self.save()
 
     def save(self):
-        """Rewrite the whole log atomically."""
-        write_json_atomic(self.path, self.data)
+        """Rewrite the whole log atomically (nothing to write for path=None)."""
+        if self.path is not None:
+            write_json_atomic(self.path, self.data)
 
     def __enter__(self):
         return self
@@ -1182,9 +1185,10 @@ def images_to_float(images, channels_last=False):
 DIVERGENCE_CHECK_EVERY = 25  # steps between finite-loss checks: one host sync each, never one per step
 # flags that may differ between the parts of a resumed run: evaluation never changes the training trajectory (nor
 # does how often the sharpness is measured), the memory format only its rounding (apply_channels_last may also switch
-# channels_last off on one device, not another), and neither does where the data lives or whether it may be downloaded
+# channels_last off on one device, not another), and neither does where the data lives or whether it may be downloaded;
+# --sync-bn may change with the number of processes (load_checkpoint checks the BatchNorm share it results in)
 RESUME_MAY_CHANGE = {"resume", "restart", "stop_at_epoch", "device", "eval_batch_size", "channels_last", "data_dir",
-                     "download", "sharpness_every"}
+                     "download", "sharpness_every", "sync_bn"}
 
 
 def check_deep_net_args(args):
@@ -1350,10 +1354,11 @@ def read_checkpoint(path, device="cpu"):
     return state
 
 
-def load_checkpoint(path, args, device):
+def load_checkpoint(path, args, device, batchnorm_share=None):
     """The checkpoint of this exact run, for --resume, with torch's RNG state restored. Command-line layer: a missing,
-    unreadable or unsafe checkpoint, or one made with other flags (except RESUME_MAY_CHANGE), is a one-line usage
-    error."""
+    unreadable or unsafe checkpoint, one made with other flags (except RESUME_MAY_CHANGE), or one whose BatchNorm
+    statistics were over another number of images (Processes.batchnorm_share: None = the whole batch; a checkpoint
+    without the key is from one process) is a one-line usage error."""
     if not os.path.exists(path):
         usage_error("--resume", f"no checkpoint at {path}; start the run without --resume (resume needs the same flags "
                                 "and --out-dir as the original run)")
@@ -1366,6 +1371,12 @@ def load_checkpoint(path, args, device):
     if changed:
         usage_error("--resume", f"the checkpoint was made with different {', '.join(map(flag_name, changed))}; use "
                                 "the original flags")
+    if state.get("batchnorm_share") != batchnorm_share:
+        then, now = (f"{share} images per process" if share else "the whole batch"
+                     for share in (state.get("batchnorm_share"), batchnorm_share))
+        usage_error("--resume", f"the checkpoint's BatchNorm statistics were over {then}, this run's would be over "
+                                f"{now}: resume it on as many processes (torchrun --nproc-per-node), or with "
+                                "SyncBatchNorm on CUDA")
     torch.set_rng_state(state["torch_rng"])
     return state
 
@@ -1411,10 +1422,13 @@ def _logged_status(path):
 class StopOnSignal:
     """While open, the first Ctrl-C or SIGTERM (which job schedulers send before killing a job) only sets `requested`
     to the signal's number, so that the training loop can finish its step, checkpoint and mark the log; a second
-    one raises KeyboardInterrupt at once."""
+    one raises KeyboardInterrupt at once. repeat_aborts=False (the processes of a torchrun run) ignores a second one:
+    torchrun's workers get a signal from torchrun, which forwards Ctrl-C and SIGTERM and kills them itself if they have
+    not ended after its --shutdown-timeout (30 s), and under SLURM also from the scheduler (both at once); the loop
+    stops at the next step the processes agree on (see the scripts)."""
 
-    def __init__(self):
-        self.requested, self.previous = 0, {}
+    def __init__(self, repeat_aborts=True):
+        self.requested, self.previous, self.repeat_aborts = 0, {}, repeat_aborts
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1427,9 +1441,13 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            if self.repeat_aborts:
+                raise KeyboardInterrupt
+            return
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to abort at once)", flush=True)
+        then = "after this step (send it again to abort at once)" if self.repeat_aborts else \
+            f"at the next step the processes agree on (at most {DIVERGENCE_CHECK_EVERY} steps)"
+        print(f"\n{signal.Signals(signum).name}: stopping {then}", flush=True)
 
 
 class RunClock:
@@ -1489,3 +1507,142 @@ def progress_line(record, total_steps, block, clock, eta_seconds):
             f"{100 * record['test_error']:5.2f}% | {block} density {100 * record[f'density_{block}']:.1f}% dedup "
             f"{100 * record[f'density_dedup_{block}']:.1f}%{sharpness} | {clock.images_per_sec() or 0:.0f} img/s | "
             f"{format_seconds(clock.elapsed())} elapsed{eta}")
+
+
+# --------------------------------------------------------------------------------------- many processes: torchrun -----
+
+class Processes:
+    """The processes that train one model: this one alone (`python train_resnet.py ...`), or the N processes of
+    `torchrun --nproc-per-node=N train_resnet.py ...`, one per device, with DistributedDataParallel (DDP). The scripts
+    call the same methods either way; for a single process each one returns its input or does nothing, so a plain run
+    computes exactly what it computed before this class existed.
+
+    The experiment does not depend on N: --batch-size stays the GLOBAL batch B. Every process draws the same seeded
+    global batch (epoch_batches), augmentation and label noise (keyed by seed and step, for the whole batch), and
+    trains on its contiguous share of B/N images (`share`); DDP averages the N share gradients, which is the gradient
+    of the mean loss over the B images, and the step size is the schedule's at the same global step. BatchNorm: with
+    SyncBatchNorm (CUDA, `sync_bn`) its statistics are over the B images, as in one process; without it (on CPU, where
+    torch's SyncBatchNorm raises, or with --no-sync-bn) each process normalises its own B/N images: `batchnorm_share`
+    is then B/N (None = the whole batch), logged in the config and checked on --resume.
+    Rank 0 alone evaluates, writes the log and the checkpoints and prints (the others' stdout goes to /dev/null; their
+    stderr stays, so that any error shows). Decisions that end or change the loop (divergence, Ctrl-C/SIGTERM,
+    a usage error on rank 0) are taken from values every process holds or receives (`mean`, `any_rank`, `from_main`),
+    so that all leave the loop at the same step: a process that left alone would leave the others waiting.
+    """
+
+    def __init__(self, device, rank=0, world_size=1, sync_bn=False, batchnorm_share=None, backend=None):
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.sync_bn, self.batchnorm_share, self.backend = sync_bn, batchnorm_share, backend
+
+    @property
+    def is_main(self):
+        """True on the process that evaluates, logs, checkpoints and prints (rank 0; the only one without torchrun)."""
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, args, device):
+        """This run's processes. Under torchrun (its environment variables WORLD_SIZE > 1, RANK, LOCAL_RANK): check
+        the flags that depend on N (one-line usage errors, before any process waits for another), then join the
+        process group: NCCL with each process on cuda:LOCAL_RANK, or gloo on the CPU. Other devices (MPS) are refused.
+        Uses args.batch_size, args.sync_bn (None = on where possible) and args.sharpness_every."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls(device)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        if args.batch_size % world_size:
+            usage_error("--batch-size", f"{args.batch_size} is the global batch, split evenly over the {world_size} "
+                                        f"processes: give a multiple of {world_size}")
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                usage_error("--device", f"process {rank} has local rank {local_rank}, but torch sees "
+                                        f"{torch.cuda.device_count()} CUDA devices: start at most one process per GPU")
+            device, backend = torch.device("cuda", local_rank), "nccl"
+            torch.cuda.set_device(device)
+        elif device.type == "cpu":
+            backend = "gloo"
+        else:
+            usage_error("--device", f"torchrun runs on CUDA (NCCL) or on the CPU (gloo), not on {device.type}")
+        if args.sync_bn and device.type != "cuda":
+            usage_error("--sync-bn", "torch's SyncBatchNorm runs on CUDA only; on the CPU each process normalises its "
+                                     "own share of the batch (drop --sync-bn, or pass --no-sync-bn)")
+        sync_bn = device.type == "cuda" and args.sync_bn is not False
+        if sync_bn and args.sharpness_every:
+            usage_error("--sharpness-every", "under torchrun with SyncBatchNorm, rank 0 cannot measure the sharpness "
+                                             "alone (SyncBatchNorm synchronises every training-mode forward pass "
+                                             "with the other processes); add --no-sync-bn, or measure it in one "
+                                             "process")
+        share = None if sync_bn else args.batch_size // world_size
+        torch.distributed.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        if rank:
+            sys.stdout = open(os.devnull, "w")  # one progress report, rank 0's
+        return cls(device, rank, world_size, sync_bn, share, backend)
+
+    def info(self):
+        """What the log's env records about the processes."""
+        return {"world_size": self.world_size, "distributed_backend": self.backend, "sync_batchnorm": self.sync_bn}
+
+    def wrap(self, model):
+        """The module to train: `model` itself for one process; under torchrun, DDP around it, its BatchNorm layers
+        converted to SyncBatchNorm in place if `sync_bn` (`model` must not itself be a BatchNorm layer). `model`
+        stays the plain network: evaluate, measure and checkpoint it (its state_dict keys do not change).
+        forward_sync_buffers=False: no copy of rank 0's BatchNorm running statistics to the others before every forward
+        pass; they only serve evaluation, which rank 0 does with its own."""
+        if self.world_size == 1:
+            return model
+        if self.sync_bn and torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) is not model:
+            raise ValueError("Processes.wrap: the model must not itself be a BatchNorm layer")
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+    def share(self, batch):
+        """This process's contiguous 1/N of a global batch (its rows rank·B/N to (rank + 1)·B/N − 1)."""
+        size = len(batch) // self.world_size
+        return batch[self.rank * size:(self.rank + 1) * size]
+
+    def mean(self, tensor):
+        """The mean of `tensor` over the processes (the same value on every one; a new tensor, no host sync)."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.detach().clone()
+        torch.distributed.all_reduce(total)  # a sum: gloo has no average
+        return total / self.world_size
+
+    def any_rank(self, value):
+        """The largest of an integer over the processes (a signal number, a flag), known to every one."""
+        if self.world_size == 1:
+            return value
+        flag = torch.tensor(int(value), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def from_main(self, value):
+        """Rank 0's integer, known to every process (the others' `value` is ignored)."""
+        if self.world_size == 1:
+            return value
+        flag = torch.tensor(int(value), device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return int(flag.item())
+
+    def on_main(self, function, *args):
+        """function(*args) on rank 0 only (e.g. check_earlier_run, which may delete files); if it ends the program
+        there (a usage error, SystemExit), every process ends with the same exit code, silently but for rank 0."""
+        if self.world_size == 1:
+            return function(*args)
+        code = 0
+        if self.is_main:
+            try:
+                function(*args)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) and stop.code else 1
+        code = self.from_main(code)
+        if code:
+            raise SystemExit(code)
+
+    def close(self):
+        """Leave the process group at the end of a run (nothing to do for one process). Every process first waits
+        for the others (rank 0 may still be writing the checkpoint and the log): a process that tore its gloo
+        connections down while a peer still held them was seen to abort ("terminate called without an active
+        exception", exit -6) on a loaded 2-core machine."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
