@@ -619,7 +619,8 @@ def print_table(records):
 ISA_NOTES = {
     "train_step": "no: both sides run the same convolutions",
     "data_path": "little: memory-bound gathers on both sides",
-    "sparsity_dedup": "yes: our float32 matrix product (MKL, AVX-512 vs AVX2 width) against a scalar-heavy reference",
+    "sparsity_dedup": "yes: both sides are dominated by a correlation matrix product (ours float32, the reference "
+                      "float64), whose speed follows the vector width",
     "sparsity_blocks": "no: the same convolutions, one pass vs five",
     "eval_overhead": "partly: evaluation and training steps use the same kernels",
     "sharpness_cost": "no: Hessian-vector products and training steps use the same kernels",

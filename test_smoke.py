@@ -1715,6 +1715,16 @@ def test_benchmark_quick_writes_every_documented_record(tmp_path):
     assert all(f"| {name} |" in table.stdout for name in benchmark.ITEMS) and "synthetic" in table.stdout
 
 
+def test_readme_performance_table_is_what_benchmark_table_prints():
+    """The README's performance numbers come from the committed results/benchmark.json, printed by one command."""
+    import benchmark
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "results", "benchmark.json")) as f:
+        table = benchmark.markdown_table(json.load(f))
+    with open(os.path.join(here, "README.md")) as f:
+        assert table in f.read()
+
+
 def test_benchmark_verdicts_are_invalid_when_the_timings_cannot_be_trusted():
     import benchmark
 
