@@ -660,18 +660,28 @@ def _number(value):
     return "–" if value is None else f"{value:.4g}"
 
 
-def _distribution(logs, key):
-    """'median [lo, hi]' of `key` over the completed logs (the bootstrap interval of utils.seed_summary), or '–'."""
-    summary = logs[0].get("seed_summary") or {}
-    if not summary.get("median_final") or key not in summary["median_final"]:
+def _summary(logs):
+    """utils.seed_summary over ALL these logs of one run (however many invocations wrote them), seeds in order."""
+    logs = sorted(logs, key=lambda log: (log["seed"] is not None, log["seed"] or 0))
+    return utils.seed_summary([log["seed"] for log in logs], [log["status"] for log in logs],
+                              [log["final"] for log in logs])
+
+
+def _distribution(summary, key):
+    """'median [lo, hi]' of `key` over the completed seeds (bootstrap 90 % interval), or '–'."""
+    if not summary["median_final"] or key not in summary["median_final"]:
         return "–"
     return utils.format_median_ci(summary, key)
 
 
-def _diverged(logs):
+def _diverged(summary):
     """'k/n' diverged seeds of a run."""
-    summary = logs[0].get("seed_summary") or {}
-    return f"{len(summary.get('diverged_seeds', []))}/{len(summary.get('seeds', logs))}"
+    return f"{len(summary['diverged_seeds'])}/{len(summary['seeds'])}"
+
+
+def _outcomes(logs):
+    """{seed: (status, final)} of one run's logs, for utils.later_decay_wins."""
+    return {log["seed"]: (log["status"], log["final"]) for log in logs}
 
 
 def toy_table(experiment, logs, jitter_logs):
@@ -688,12 +698,17 @@ def toy_table(experiment, logs, jitter_logs):
     seeds = sorted({log["seed"] for log in logs if log["seed"] is not None})
     seed_range = f"seeds {seeds[0]}–{seeds[-1]}" if seeds else "deterministic"
     at_seed = "" if paper_seed is None else f" (seed {paper_seed})"
+    epsilon = f"{jitter_logs[0]['config']['init_jitter']:g} " if jitter_logs else ""
     rows = [f"| run | metric | paper{at_seed} | ours{at_seed} | ours, {seed_range}: median "
-            "[90 % CI] | diverged | later decay lower | ours, 1e-7 init jitter: median [90 % CI] (min – max) |",
+            f"[90 % CI] | diverged | later decay lower | ours, {epsilon}init jitter: median [90 % CI] (min – max) |",
             "|---|---|---|---|---|---|---|---|"]
+    previous = None
     for run_index, run_logs in runs.items():
         at_paper_seed = next((log for log in run_logs if log["seed"] == paper_seed), None)
-        wins = run_logs[0].get("vs_earlier_decay")
+        summary = _summary(run_logs)
+        stored = run_logs[0].get("vs_earlier_decay")  # the script decided this run is compared with the previous one
+        wins = utils.later_decay_wins(_outcomes(previous), _outcomes(run_logs), stored["metric"]) if stored else None
+        previous = run_logs
         for metric, name in TOY_TABLE_METRICS[experiment]:
             ours = "–"
             if at_paper_seed is not None and paper_seed is not None:
@@ -705,10 +720,11 @@ def toy_table(experiment, logs, jitter_logs):
             done = [log["final"][metric] for log in jittered if log["status"] == "completed"
                     and log["final"].get(metric) is not None]
             if done:
-                spread = f"{_distribution(jittered, metric)} ({min(done):.4g} – {max(done):.4g})"
-                spread += f", diverged {_diverged(jittered)}"
+                jitter_summary = _summary(jittered)
+                spread = f"{_distribution(jitter_summary, metric)} ({min(done):.4g} – {max(done):.4g})"
+                spread += f", diverged {_diverged(jitter_summary)}"
             rows.append(f"| {run_logs[0]['run']} | {name} | {_number(paper.get(run_index, {}).get(metric))} | {ours} "
-                        f"| {_distribution(run_logs, metric)} | {_diverged(run_logs)} | {won} | {spread} |")
+                        f"| {_distribution(summary, metric)} | {_diverged(summary)} | {won} | {spread} |")
     return "\n".join(rows)
 
 
@@ -734,7 +750,7 @@ def deep_table(experiment, logs):
             rows.append(f"| {line.label} | {len(line.logs)} | {line.logs[0]['status']} |" + " |" * (len(blocks) + 2))
             continue
         finals = [log["final"] for log in done]
-        cells = [_mean_std([f["train_error"] for f in finals], 100, digits=2),  # interpolation is ≤ 1 %
+        cells = [_mean_std([f["train_error"] for f in finals], 100, digits=2),  # fitted runs end at ≤ 1 %
                  _mean_std([f["test_error"] for f in finals], 100)]
         cells += [_mean_std([f[f"density_dedup_{block}"] for f in finals], 100) for block in blocks]
         minutes = np.median([f["wall_time"] for f in finals]) / 60

@@ -166,7 +166,7 @@ def build_parser():
                        help="w: exponential warmup η0·w^u if w > 1 (u = %% of training done), power warmup "
                             "η0·(1 + u^w) if w < 1, no warmup if w = 1 (piecewise schedule only)")
     optim.add_argument("--large-lr-frac", type=utils.positive_float, default=0.5,
-                       help="T: utils.fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
+                       help="T: fraction of training spent in the large-step phase, in (0, 0.9) (paper: 0.1, 0.3, 0.5)")
     optim.add_argument("--momentum", type=utils.nonnegative_float, default=0.0, help="SGD (heavy-ball) momentum, in [0, 1)")
     optim.add_argument("--weight-decay", type=utils.nonnegative_float, default=0.0,
                        help="L2 penalty coefficient on all parameters")

@@ -588,7 +588,8 @@ def compare_consecutive_decays(runs, logs_per_run):
     runs: the preset's runs; logs_per_run: the finished RunLogs of each run, one per seed."""
     for index in range(1, len(runs)):
         earlier, later = runs[index - 1], runs[index]
-        if earlier["decay"] == 1 or later["decay"] == 1 or earlier.get("algorithm") != later.get("algorithm"):
+        if (earlier["decay"] == 1 or later["decay"] == 1 or earlier.get("algorithm") != later.get("algorithm")
+                or later["large_lr_frac"] <= earlier["large_lr_frac"]):  # only a LATER decay is compared
             continue
         outcomes = [{log.data["seed"]: (log.data["status"], log.data["final"]) for log in logs_per_run[i]}
                     for i in (index - 1, index)]
