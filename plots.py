@@ -698,7 +698,8 @@ def toy_table(experiment, logs, jitter_logs):
     seeds = sorted({log["seed"] for log in logs if log["seed"] is not None})
     seed_range = f"seeds {seeds[0]}–{seeds[-1]}" if seeds else "deterministic"
     at_seed = "" if paper_seed is None else f" (seed {paper_seed})"
-    epsilon = f"{jitter_logs[0]['config']['init_jitter']:g} " if jitter_logs else ""
+    jitter_size = jitter_logs[0].get("config", {}).get("init_jitter") if jitter_logs else None
+    epsilon = f"{jitter_size:g} " if jitter_size else ""
     rows = [f"| run | metric | paper{at_seed} | ours{at_seed} | ours, {seed_range}: median "
             f"[90 % CI] | diverged | later decay lower | ours, {epsilon}init jitter: median [90 % CI] (min – max) |",
             "|---|---|---|---|---|---|---|---|"]

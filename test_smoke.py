@@ -1782,14 +1782,15 @@ def test_plots_toy_table_reports_the_paper_seed_the_distribution_and_the_jitter_
 
     logs = [toy_log(seed, 0, loss) for seed, loss in [(0, 2.0), (1, 4.0), (2, 3.0)]]
     logs.append(toy_log(3, 0, None, status="diverged"))
-    jitter = [toy_log(seed, 0, loss, experiment="e5_jitter") for seed, loss in [(0, 1.0), (1, 5.0)]]
+    jitter = [dict(toy_log(seed, 0, loss, experiment="e5_jitter"), config={"init_jitter": 1e-7})
+              for seed, loss in [(0, 1.0), (1, 5.0)]]
     for group in (logs, jitter):
         summary = utils.seed_summary([log["seed"] for log in group], [log["status"] for log in group],
                                      [log["final"] for log in group])
         for log in group:
             log["seed_summary"] = summary
     rows = plots.toy_table("e5", logs, jitter).splitlines()
-    assert "paper (seed 0)" in rows[0] and "seeds 0–3" in rows[0]
+    assert "paper (seed 0)" in rows[0] and "seeds 0–3" in rows[0] and "1e-07 init jitter" in rows[0]
     cells = [cell.strip() for cell in rows[2].split("|")[1:-1]]
     assert cells[:4] == ["run 0", "test loss", "0.0006098", "2"]  # the notebook's number, ours at seed 0
     assert cells[4] == utils.format_median_ci(logs[0]["seed_summary"], "test_loss") and cells[4].startswith("3 [")
