@@ -641,8 +641,9 @@ def markdown_table(records):
         d = r["details"]
         before, after = d["load_avg_1min"]
         verdict = r["verdict"] + "".join(f" ({reason})" for reason in d["invalid_reasons"])
+        data = d.get("data", "–").split(" from ")[0]  # the data set; the JSON keeps its folder on that machine
         lines.append(f"| {r['name']} | {r['ours']:.4g} {r['unit']} | {r['baseline']:.4g} {r['unit']} | "
-                     f"{r['ratio']:.3g} | {r['target']} | {verdict} | {d.get('data', '–')} | {before:.1f} → "
+                     f"{r['ratio']:.3g} | {r['target']} | {verdict} | {data} | {before:.1f} → "
                      f"{after:.1f} | {ISA_NOTES[r['name']]} |")
     return "\n".join(lines)
 

@@ -448,7 +448,7 @@ def train_run(preset, config, run, seed, problem, log, timing):
     layers = [[None if array is None else array.astype(config["dtype"]) for array in layer] for layer in layers]
     init_w = layers[0][0].copy()  # E5's neuron-movement figure shows the first layer at init and at the end
     n_iters = config["iterations"]
-    order = sgd_indices(len(problem["y_train"]), n_iters, student_seed)
+    order = problem["sgd_order"]  # drawn once per seed (main): every run of the seed takes the same order
     xs, ys = problem["x_train"][order], problem["y_train"][order]
     if config["label_noise_std"]:  # label-noise SGD: fresh noise on the target of every step's sample
         ys = (ys + utils.toy_label_noise(n_iters, config["label_noise_std"], student_seed)).astype(ys.dtype)
@@ -588,6 +588,8 @@ def main(argv=None):
         problem = make_problem(args.preset, config, run_seeds(config, seed).get("data_seed"))
         problem = {key: value.astype(config["dtype"]) if isinstance(value, np.ndarray) else value
                    for key, value in problem.items()}
+        problem["sgd_order"] = sgd_indices(len(problem["y_train"]), config["iterations"],
+                                           run_seeds(config, seed)["student_seed"])
         logs_by_seed.append([run_one(args, config, experiment, index, run, seed, problem, env)
                              for index, run in enumerate(runs)])
     summarize_seeds(runs, logs_by_seed)

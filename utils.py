@@ -499,25 +499,27 @@ def eval_iterations(n_iters, n_points, dense_prefix=0):
     return evals[evals < n_iters]
 
 
-JITTER_STREAM = 7  # numpy stream key of the --init-jitter draws, apart from every other draw of a run
+# numpy stream keys of the toys' extra draws, apart from every other draw of a run (keys 1-4 are the deep nets' torch
+# streams of section 5)
+_JITTER_STREAM, _TOY_LABEL_NOISE_STREAM = 7, 8
 
 
 def jitter_factors(shapes, relative, seed):
     """Factors (1 + relative·ξ), ξ ~ N(0,1), one array per shape in `shapes`, drawn in order from a generator keyed by
-    (JITTER_STREAM, seed) and no other draw of a run. Multiplying the initial weights by them (the toys' --init-jitter)
+    (_JITTER_STREAM, seed) and no other draw of a run. Multiplying the initial weights by them (the toys' --init-jitter)
     measures how chaotic a run is: the spread of its results over tiny changes of the initialisation."""
-    rng = np.random.default_rng([JITTER_STREAM, seed])
+    rng = np.random.default_rng([_JITTER_STREAM, seed])
     return [1.0 + relative * rng.standard_normal(shape) for shape in shapes]
 
 
-LABEL_NOISE_STREAM = 8  # numpy stream key of the toys' --label-noise-std draws
 
 
 def toy_label_noise(n_iters, std, seed):
     """std·ξ_t, ξ_t ~ N(0, 1) for t = 0..n_iters−1: the noise added to the target of iteration t's SGD sample (the toys'
-    --label-noise-std), fresh at every step, drawn from a generator keyed by (LABEL_NOISE_STREAM, seed) that no other
-    draw of a run uses: the same seed gives the same noise, and the SGD order and initialisation stay as without it."""
-    return std * np.random.default_rng([LABEL_NOISE_STREAM, seed]).standard_normal(n_iters)
+    --label-noise-std), fresh at every step, drawn from a generator keyed by (_TOY_LABEL_NOISE_STREAM, seed) that no
+    other draw of a run uses: the same seed gives the same noise, and the SGD order and initialisation stay as without
+    it."""
+    return std * np.random.default_rng([_TOY_LABEL_NOISE_STREAM, seed]).standard_normal(n_iters)
 
 
 def sharpness_iterations(evals, every):
