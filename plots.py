@@ -761,6 +761,76 @@ def deep_table(experiment, logs):
     return "\n".join(rows)
 
 
+# The step-size keys of a deep-net run: the paper's claims compare runs that differ only in these (and the seed).
+SCHEDULE_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac"})
+
+# The paper's claims on deep networks (Section 5, Figure 1), as (claim, final metric expected lower, unit scale).
+DEEP_CLAIM_METRICS = [("sparser features", "density_dedup_{block}", "{block} dedup. density (%)"),
+                      ("lower test error", "test_error", "test error (%)")]
+
+
+def _completed_finals(line, key):
+    return [log["final"][key] for log in line.logs if log["status"] == "completed"]
+
+
+def _seed0_train_loss(line):
+    return next((log["final"]["train_loss"] for log in line.logs
+                 if log["status"] == "completed" and log["seed"] == 0), None)
+
+
+def _claim_row(claim, lower_line, higher_line, key, unit):
+    """One row of deep_claims: `lower_line` is expected to end with the lower `key`."""
+    lower, higher = (_completed_finals(line, key) for line in (lower_line, higher_line))
+    ours = f"{_mean_std(lower, 100)} vs {_mean_std(higher, 100)}"
+    if min(len(lower), len(higher)) < 2:
+        verdict = f"not yet: needs ≥ 2 seeds each (has {len(lower)} and {len(higher)})"
+    else:
+        verdict, difference, error = utils.seed_noise_verdict(lower, higher)
+        verdict = f"**{verdict}** (difference {100 * difference:.1f}, standard error {100 * error:.1f})"
+    compared = f"{lower_line.label} ({len(lower)}) vs {higher_line.label} ({len(higher)})"
+    return f"| {claim} | {unit} | {compared} | {ours} | {verdict} |"
+
+
+def deep_claims(experiment, logs):
+    """The paper's claims on deep networks checked on the logs, for each setting (runs whose configuration differs
+    only in SCHEDULE_KEYS and the seed) that has a constant-step run and a decayed large-step run: (1) the large-step
+    schedule with the longest large-step phase ends with sparser features in the last two blocks and (2) a lower test
+    error than the constant-step baseline, (3) the longer the large-step phase (T), the stronger both. The baseline is
+    the constant step with the lowest final training loss at seed 0 (the tuning rule; ties: the first). Verdicts:
+    utils.seed_noise_verdict over the completed seeds of the two lines compared."""
+    settings = collections.OrderedDict()
+    for log in logs:
+        setting = {key: value for key, value in experiment_config(log).items() if key not in SCHEDULE_KEYS}
+        settings.setdefault(json.dumps(setting, sort_keys=True), []).append(log)
+    blocks = logs[0]["config"]["blocks"][-2:]
+    sections = []
+    for group in settings.values():
+        lines = [line for line in plot_lines(group) if not line.unfinished]
+        constant = [line for line in lines if line.logs[0]["config"]["lr_schedule"] == "constant"
+                    and _seed0_train_loss(line) is not None]
+        decayed = sorted((line for line in lines if line.logs[0]["config"]["lr_schedule"] != "constant"),
+                         key=lambda line: line.logs[0]["config"]["large_lr_frac"])
+        if not constant or not decayed:
+            continue
+        baseline = min(constant, key=_seed0_train_loss)
+        tuning = ", ".join(f"{line.label}: {_seed0_train_loss(line):.4f}" for line in constant)
+        rows = [f"**Claims of the paper, {_deep_net_title(experiment, group[0]['script'], group).splitlines()[0]}** "
+                f"— baseline: {baseline.label}, the constant step with the lowest final training loss at seed 0 "
+                f"({tuning})", "",
+                "| claim | metric | lower expected vs higher expected (seeds) | ours, mean ± std | verdict |",
+                "|---|---|---|---|---|"]
+        for claim, key, unit in DEEP_CLAIM_METRICS:
+            for block in blocks if "{block}" in key else [None]:
+                rows.append(_claim_row(claim, decayed[-1], baseline, key.format(block=block), unit.format(block=block)))
+        for shorter, longer in zip(decayed, decayed[1:]):
+            for claim, key, unit in DEEP_CLAIM_METRICS:
+                for block in blocks[-1:] if "{block}" in key else [None]:
+                    rows.append(_claim_row(f"longer large-step phase, {claim}", longer, shorter,
+                                           key.format(block=block), unit.format(block=block)))
+        sections.append("\n".join(rows))
+    return "\n\n".join(sections)
+
+
 def shown_command(log):
     """The command that wrote a log (env.command), with a run of consecutive --seeds written as $(seq a b)."""
     words = log.get("env", {}).get("command", "").split()
@@ -794,6 +864,9 @@ def results_tables(logs):
         if group[0]["script"] in ("train_resnet", "train_densenet"):
             sections.append(f"**{experiment}** (commands: `env.command` of each log in `results/deep/`):\n\n"
                             + deep_table(experiment, group))
+            claims = deep_claims(experiment, group)
+            if claims:
+                sections.append(claims)
     return "\n\n".join(sections)
 
 

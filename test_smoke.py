@@ -1772,6 +1772,29 @@ def test_plots_deep_table_gives_mean_and_std_over_seeds_per_configuration():
     assert "(epochs 8)" in rows[3] and "| 1 | 10.00 | 10.0 | 5.0 | 5.0 | 2.0 |" in rows[3]
 
 
+def test_plots_deep_claims_pick_the_tuned_baseline_and_give_verdicts_over_seeds():
+    import plots
+    constant = {"lr": 0.1, "lr_schedule": "constant"}
+    logs = [_deep_log(seed=seed, loss=loss, **constant) for seed, loss in [(0, 3.0), (1, 3.2), (2, 2.8)]]
+    logs.append(_deep_log(seed=0, loss=4.0, lr=0.2, lr_schedule="constant"))  # higher training loss: not the baseline
+    logs += [_deep_log(seed=seed, loss=loss) for seed, loss in [(0, 1.0), (1, 1.1), (2, 0.9)]]  # T = 0.5
+    logs.append(_deep_log(seed=0, loss=2.0, large_lr_frac=0.3))
+    logs.append(_deep_log(seed=0, loss=0.1, epochs=8))  # another setting, without a baseline: no claims
+    logs.append(_deep_log(seed=1, loss=0.1, status="interrupted", **constant))  # unfinished: never counted
+    claims = plots.deep_claims("resnet18_cifar10", logs)
+    assert claims.count("**Claims of the paper") == 1 and "25 epochs" in claims
+    assert "baseline: η = 0.1 constant, the constant step with the lowest final training loss at seed 0 " \
+           "(η = 0.1 constant: 3.0000, η = 0.2 constant: 4.0000)" in claims
+    rows = [row for row in claims.splitlines() if row.startswith("| ") and "---" not in row][1:]
+    assert len(rows) == 5  # block1, block2, test error vs the baseline; T 0.3 -> 0.5 on block2 and test error
+    # T = 0.5 ends at block2 density [5, 5.5, 4.5] % vs the baseline's [15, 16, 14] %: d = 10 > 2·se = 2·0.65
+    assert rows[1].startswith("| sparser features | block2 dedup. density (%) | η0 = 0.75, exp. warmup w = 1.05, "
+                              "decay at 50 % (3) vs η = 0.1 constant (3) | 5.0 ± 0.5 vs 15.0 ± 1.0 | **holds**")
+    assert "| lower test error | test error (%) |" in rows[2] and "10.0 ± 1.0 vs 30.0 ± 2.0 | **holds**" in rows[2]
+    assert rows[3].startswith("| longer large-step phase, sparser features | block2")
+    assert rows[4].endswith("| 10.0 ± 1.0 vs 20.0 | not yet: needs ≥ 2 seeds each (has 3 and 1) |")
+
+
 def test_plots_toy_table_reports_the_paper_seed_the_distribution_and_the_jitter_spread():
     import plots
 

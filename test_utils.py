@@ -387,6 +387,18 @@ def test_later_decay_wins_pairs_completed_seeds_only():
     assert utils.later_decay_wins({}, later, "test_loss")["fraction"] is None
 
 
+def test_seed_noise_verdict_compares_the_difference_of_means_with_its_standard_error():
+    # A = [1, 2, 3] (mean 2, var 1), B = [5, 6, 7] (mean 6, var 1): d = 4, se = sqrt(1/3 + 1/3) = 0.8165; 4 > 2·0.8165
+    verdict, difference, error = utils.seed_noise_verdict([1, 2, 3], [5, 6, 7])
+    assert verdict == "holds" and difference == pytest.approx(4.0) and error == pytest.approx(math.sqrt(2 / 3))
+    assert utils.seed_noise_verdict([5, 6, 7], [1, 2, 3])[0] == "not reproduced"
+    # B = [2, 4, 6] (mean 4, var 4): d = 2, se = sqrt(1/3 + 4/3) = 1.291; 2 < 2·1.291
+    assert utils.seed_noise_verdict([1, 2, 3], [2, 4, 6])[0] == "within seed noise"
+    assert utils.seed_noise_verdict([1, 2, 3], [2, 4, 6], z=1.5)[0] == "holds"  # 2 > 1.5·1.291 = 1.94
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        utils.seed_noise_verdict([1.0], [2.0, 3.0])
+
+
 def test_jitter_factors_are_relative_reproducible_and_their_own_stream():
     state = np.random.get_state()
     first, second = utils.jitter_factors([(3, 4), (5,)], 1e-7, seed=2)

@@ -583,6 +583,26 @@ def later_decay_wins(earlier, later, key):
     return {"metric": key, "wins": wins, "pairs": len(pairs), "fraction": wins / len(pairs) if pairs else None}
 
 
+SEED_NOISE_Z = 2.0  # a difference counts when it exceeds this many standard errors (about a 95 % two-sided test)
+
+
+def seed_noise_verdict(expected_lower, expected_higher, z=SEED_NOISE_Z):
+    """Does a claim 'A ends lower than B' hold over seeds? expected_lower: A's final values, one per seed;
+    expected_higher: B's. The difference of the means d = mean(B) - mean(A) is compared with its standard error
+    se = sqrt(var(A)/n_A + var(B)/n_B) (sample variances, ddof 1): 'holds' if d > z·se, 'not reproduced' if d < -z·se
+    (the opposite holds), else 'within seed noise'. Returns (verdict, d, se); needs at least 2 values on each side."""
+    lower, higher = (np.asarray(values, dtype=np.float64) for values in (expected_lower, expected_higher))
+    if len(lower) < 2 or len(higher) < 2:
+        raise ValueError(f"a verdict needs at least 2 seeds on each side, got {len(lower)} and {len(higher)}")
+    difference = float(higher.mean() - lower.mean())
+    error = float(np.sqrt(lower.var(ddof=1) / len(lower) + higher.var(ddof=1) / len(higher)))
+    if difference > z * error:
+        return "holds", difference, error
+    if difference < -z * error:
+        return "not reproduced", difference, error
+    return "within seed noise", difference, error
+
+
 def compare_consecutive_decays(runs, logs_per_run):
     """Store in the logs of every decayed run that follows another decayed run of the same algorithm (the preset's
     order: decay at 10 %, then 30 %, then 50 %) its paired comparison with that run over the seeds, as the key
