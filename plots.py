@@ -3,7 +3,8 @@
     python plots.py --logs runs/ --out-dir figures/
 
 Reads every JSON run log under --logs (recursively), groups the logs by their `experiment` key (e1 ... e6 for the toy
-presets, one group per model/data set for deep nets), and writes one PNG per figure into --out-dir. Within a figure,
+presets, one group per model/data set for deep nets, split into one figure per setting: runs that differ only in their
+step-size schedule or label noise, see deep_settings), and writes one PNG per figure into --out-dir. Within a figure,
 logs are seeds of one line only when their whole `config` is equal except the seed and bookkeeping keys (plot_lines);
 lines that share a label but differ in, say, --epochs or --width say so in the legend ("… (epochs 8)"). The seeds of a
 line are drawn as the median with a min–max band; a run that is still running, was interrupted or failed is drawn as
@@ -71,7 +72,7 @@ NOT_THE_EXPERIMENT = frozenset({
 # Keys the `run` label already spells out (utils.schedule_label for deep nets, utils.toy_run_names for toys): a legend
 # names them only to tell apart lines that share a label.
 LABELLED_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac", "momentum", "weight_decay", "augment",
-                           "decay", "warmup_factor", "warmup_power", "algorithm"})
+                           "decay", "warmup_factor", "warmup_power", "algorithm", "label_noise"})
 
 # Statuses of a run that did not finish (utils.RUN_STATUSES less completed and diverged): never part of a median.
 UNFINISHED = ("running", "interrupted", "failed")
@@ -335,6 +336,30 @@ def _deep_net_title(experiment, script, logs):
     return f"{experiment}: {', '.join(parts)}\n{notes}"
 
 
+# What one deep-net figure compares: runs whose configuration differs only in these keys (and the seed) share a
+# setting (model, data, budget, optimiser) and are drawn, tabulated and checked against the paper's claims together.
+SCHEDULE_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac", "label_noise"})
+
+
+def deep_settings(experiment, logs):
+    """The logs of one deep-net experiment split by setting (SCHEDULE_KEYS), as {figure name: logs}. The setting
+    with the most logs is named after the experiment; every other one adds the keys in which it differs from that
+    setting, e.g. 'resnet18_cifar10_epochs25_eval-every39'. One setting: {experiment: logs}."""
+    settings = collections.OrderedDict()
+    for log in logs:
+        setting = {key: value for key, value in experiment_config(log).items() if key not in SCHEDULE_KEYS}
+        settings.setdefault(json.dumps(setting, sort_keys=True), []).append(log)
+    main = max(settings, key=lambda key: len(settings[key]))  # the first of the largest
+    reference = json.loads(main)
+    named = collections.OrderedDict()
+    for key, group in settings.items():
+        setting = json.loads(key)
+        differs = [name for name in sorted(set(setting) | set(reference)) if setting.get(name) != reference.get(name)]
+        suffix = "".join(f"_{name.replace('_', '-')}{_shown_value(setting.get(name, False))}" for name in differs)
+        named[experiment + suffix] = group
+    return named
+
+
 def draw_deep_net(experiment, logs, out_dir):
     """Figure 1 of the paper for one model × data set, against epochs, one colour per line: step size, train loss,
     train error, test error, and per block the feature density (de-duplicated solid, raw dotted); dashed vertical
@@ -386,8 +411,14 @@ def draw_deep_net(experiment, logs, out_dir):
     return [save_figure(fig, out_dir, experiment)]
 
 
-DRAWERS["train_resnet"] = draw_deep_net
-DRAWERS["train_densenet"] = draw_deep_net
+def draw_deep_net_settings(experiment, logs, out_dir):
+    """One draw_deep_net figure per setting of the experiment (deep_settings)."""
+    return [path for name, group in deep_settings(experiment, logs).items()
+            for path in draw_deep_net(name, group, out_dir)]
+
+
+DRAWERS["train_resnet"] = draw_deep_net_settings
+DRAWERS["train_densenet"] = draw_deep_net_settings
 
 
 # ----------------------------------------------------------------------- ReLU toys, two_layer_relu.py (E4–E6) -----
@@ -761,9 +792,6 @@ def deep_table(experiment, logs):
     return "\n".join(rows)
 
 
-# The step-size keys of a deep-net run: the paper's claims compare runs that differ only in these (and the seed).
-SCHEDULE_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac"})
-
 # The paper's claims on deep networks (Section 5, Figure 1), as (claim, final metric expected lower, unit scale).
 DEEP_CLAIM_METRICS = [("sparser features", "density_dedup_{block}", "{block} dedup. density (%)"),
                       ("lower test error", "test_error", "test error (%)")]
@@ -791,44 +819,37 @@ def _claim_row(claim, lower_line, higher_line, key, unit):
     return f"| {claim} | {unit} | {compared} | {ours} | {verdict} |"
 
 
-def deep_claims(experiment, logs):
-    """The paper's claims on deep networks checked on the logs, for each setting (runs whose configuration differs
-    only in SCHEDULE_KEYS and the seed) that has a constant-step run and a decayed large-step run: (1) the large-step
-    schedule with the longest large-step phase ends with sparser features in the last two blocks and (2) a lower test
-    error than the constant-step baseline, (3) the longer the large-step phase (T), the stronger both. The baseline is
-    the constant step with the lowest final training loss at seed 0 (the tuning rule; ties: the first). Verdicts:
-    utils.seed_noise_verdict over the completed seeds of the two lines compared."""
-    settings = collections.OrderedDict()
-    for log in logs:
-        setting = {key: value for key, value in experiment_config(log).items() if key not in SCHEDULE_KEYS}
-        settings.setdefault(json.dumps(setting, sort_keys=True), []).append(log)
+def deep_claims(name, logs):
+    """The paper's claims on deep networks checked on the logs of one setting (deep_settings; label-noise runs left
+    out), if it has a constant-step run and a decayed large-step run: (1) the decayed schedule with the longest
+    large-step phase ends with sparser features in the last two blocks and (2) a lower test error than the
+    constant-step baseline, (3) the longer the large-step phase (T), the stronger both. The baseline is the constant
+    step with the lowest final training loss at seed 0 (the tuning rule; ties: the first). Verdicts:
+    utils.seed_noise_verdict over the completed seeds of the two lines compared. Returns '' without a comparison."""
     blocks = logs[0]["config"]["blocks"][-2:]
-    sections = []
-    for group in settings.values():
-        lines = [line for line in plot_lines(group) if not line.unfinished]
-        constant = [line for line in lines if line.logs[0]["config"]["lr_schedule"] == "constant"
-                    and _seed0_train_loss(line) is not None]
-        decayed = sorted((line for line in lines if line.logs[0]["config"]["lr_schedule"] != "constant"),
-                         key=lambda line: line.logs[0]["config"]["large_lr_frac"])
-        if not constant or not decayed:
-            continue
-        baseline = min(constant, key=_seed0_train_loss)
-        tuning = ", ".join(f"{line.label}: {_seed0_train_loss(line):.4f}" for line in constant)
-        rows = [f"**Claims of the paper, {_deep_net_title(experiment, group[0]['script'], group).splitlines()[0]}** "
-                f"— baseline: {baseline.label}, the constant step with the lowest final training loss at seed 0 "
-                f"({tuning})", "",
-                "| claim | metric | lower expected vs higher expected (seeds) | ours, mean ± std | verdict |",
-                "|---|---|---|---|---|"]
+    lines = [line for line in plot_lines([log for log in logs if not log["config"].get("label_noise")])
+             if not line.unfinished]
+    constant = [line for line in lines if line.logs[0]["config"]["lr_schedule"] == "constant"
+                and _seed0_train_loss(line) is not None]
+    decayed = sorted((line for line in lines if line.logs[0]["config"]["lr_schedule"] != "constant"),
+                     key=lambda line: line.logs[0]["config"]["large_lr_frac"])
+    if not constant or not decayed:
+        return ""
+    baseline = min(constant, key=_seed0_train_loss)
+    tuning = ", ".join(f"{line.label}: {_seed0_train_loss(line):.4f}" for line in constant)
+    rows = [f"**Claims of the paper, {name}** — baseline: {baseline.label}, the constant step with the lowest final "
+            f"training loss at seed 0 ({tuning})", "",
+            "| claim | metric | lower expected vs higher expected (seeds) | ours, mean ± std | verdict |",
+            "|---|---|---|---|---|"]
+    for claim, key, unit in DEEP_CLAIM_METRICS:
+        for block in blocks if "{block}" in key else [None]:
+            rows.append(_claim_row(claim, decayed[-1], baseline, key.format(block=block), unit.format(block=block)))
+    for shorter, longer in zip(decayed, decayed[1:]):
         for claim, key, unit in DEEP_CLAIM_METRICS:
-            for block in blocks if "{block}" in key else [None]:
-                rows.append(_claim_row(claim, decayed[-1], baseline, key.format(block=block), unit.format(block=block)))
-        for shorter, longer in zip(decayed, decayed[1:]):
-            for claim, key, unit in DEEP_CLAIM_METRICS:
-                for block in blocks[-1:] if "{block}" in key else [None]:
-                    rows.append(_claim_row(f"longer large-step phase, {claim}", longer, shorter,
-                                           key.format(block=block), unit.format(block=block)))
-        sections.append("\n".join(rows))
-    return "\n\n".join(sections)
+            for block in blocks[-1:] if "{block}" in key else [None]:
+                rows.append(_claim_row(f"longer large-step phase, {claim}", longer, shorter,
+                                       key.format(block=block), unit.format(block=block)))
+    return "\n".join(rows)
 
 
 def shown_command(log):
@@ -862,11 +883,13 @@ def results_tables(logs):
                             + toy_table(experiment, by_experiment[experiment], jitter))
     for experiment, group in sorted(by_experiment.items()):
         if group[0]["script"] in ("train_resnet", "train_densenet"):
-            sections.append(f"**{experiment}** (commands: `env.command` of each log in `results/deep/`):\n\n"
-                            + deep_table(experiment, group))
-            claims = deep_claims(experiment, group)
-            if claims:
-                sections.append(claims)
+            for name, setting in deep_settings(experiment, group).items():
+                title = _deep_net_title(name, setting[0]["script"], setting).splitlines()[0]
+                sections.append(f"**{title}** (commands: `env.command` of each log in `results/deep/`):\n\n"
+                                + deep_table(name, setting))
+                claims = deep_claims(name, setting)
+                if claims:
+                    sections.append(claims)
     return "\n\n".join(sections)
 
 

@@ -1781,8 +1781,12 @@ def test_plots_deep_claims_pick_the_tuned_baseline_and_give_verdicts_over_seeds(
     logs.append(_deep_log(seed=0, loss=2.0, large_lr_frac=0.3))
     logs.append(_deep_log(seed=0, loss=0.1, epochs=8))  # another setting, without a baseline: no claims
     logs.append(_deep_log(seed=1, loss=0.1, status="interrupted", **constant))  # unfinished: never counted
-    claims = plots.deep_claims("resnet18_cifar10", logs)
-    assert claims.count("**Claims of the paper") == 1 and "25 epochs" in claims
+    logs.append(_deep_log(seed=0, loss=0.01, label_noise=0.2, **constant))  # label noise: the control, no baseline
+    settings = plots.deep_settings("resnet18_cifar10", logs)
+    assert list(settings) == ["resnet18_cifar10", "resnet18_cifar10_epochs8"] and len(settings["resnet18_cifar10"]) == 10
+    assert plots.deep_claims("resnet18_cifar10_epochs8", settings["resnet18_cifar10_epochs8"]) == ""
+    claims = plots.deep_claims("resnet18_cifar10", settings["resnet18_cifar10"])
+    assert claims.count("**Claims of the paper, resnet18_cifar10**") == 1
     assert "baseline: η = 0.1 constant, the constant step with the lowest final training loss at seed 0 " \
            "(η = 0.1 constant: 3.0000, η = 0.2 constant: 4.0000)" in claims
     rows = [row for row in claims.splitlines() if row.startswith("| ") and "---" not in row][1:]

@@ -982,3 +982,15 @@ def test_check_earlier_run_refuses_to_overwrite_a_run_unless_told_to_resume_or_r
     write("failed", checkpoint=False)  # crashed before its first checkpoint: nothing to resume
     code, err = check()
     assert code == 2 and "argument --restart:" in err and "no checkpoint to resume from" in err
+
+
+def test_schedule_label_names_the_schedule_the_optimiser_and_label_noise():
+    import types
+    args = dict(lr=0.1, lr_schedule="constant", warmup_exp=1.05, large_lr_frac=0.5, momentum=0.0, weight_decay=0.0,
+                augment=False, label_noise=0.0)
+    assert utils.schedule_label(types.SimpleNamespace(**args)) == "η = 0.1 constant"
+    assert utils.schedule_label(types.SimpleNamespace(**dict(args, label_noise=0.2))) == \
+        "η = 0.1 constant, label noise 0.2"
+    decayed = dict(args, lr=0.05, lr_schedule="piecewise", warmup_exp=1.0, momentum=0.9, weight_decay=5e-4,
+                   augment=True)
+    assert utils.schedule_label(types.SimpleNamespace(**decayed)) == "η0 = 0.05, decay at 50 % (mom 0.9, wd 0.0005, aug)"

@@ -1305,6 +1305,8 @@ def schedule_label(args):
         label = f"η0 = {args.lr:g}, {kind} warmup w = {args.warmup_exp:g}, decay at {100 * args.large_lr_frac:g} %"
     if args.momentum or args.weight_decay or args.augment:
         label += f" (mom {args.momentum:g}, wd {args.weight_decay:g}{', aug' if args.augment else ''})"
+    if getattr(args, "label_noise", 0):
+        label += f", label noise {args.label_noise:g}"
     return label
 
 
