@@ -341,6 +341,14 @@ def _deep_net_title(experiment, script, logs):
 SCHEDULE_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac", "label_noise"})
 
 
+def _setting_suffix(key, value):
+    """'_epochs8', '_weight-decay0.0005', '_augment' / '_no-augment': one key of a figure name."""
+    key = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"_{key}" if value else f"_no-{key}"
+    return f"_{key}{_shown_value(value)}"
+
+
 def deep_settings(experiment, logs):
     """The logs of one deep-net experiment split by setting (SCHEDULE_KEYS), as {figure name: logs}. The setting
     with the most logs is named after the experiment; every other one adds the keys in which it differs from that
@@ -355,7 +363,7 @@ def deep_settings(experiment, logs):
     for key, group in settings.items():
         setting = json.loads(key)
         differs = [name for name in sorted(set(setting) | set(reference)) if setting.get(name) != reference.get(name)]
-        suffix = "".join(f"_{name.replace('_', '-')}{_shown_value(setting.get(name, False))}" for name in differs)
+        suffix = "".join(_setting_suffix(name, setting.get(name, False)) for name in differs)
         named[experiment + suffix] = group
     return named
 

@@ -1476,11 +1476,11 @@ def _deep_log(seed=0, status="completed", loss=1.0, iters=None, **changes):
 
 
 def _draw_deep(logs, monkeypatch, tmp_path):
-    """The deep-net figure of `logs` (not saved): (figure, legend labels)."""
+    """The deep-net figure of `logs`, all in one figure (not saved): (figure, legend labels)."""
     import plots
     figures = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
-    plots.DRAWERS["train_resnet"]("resnet18_cifar10", logs, str(tmp_path))
+    plots.draw_deep_net("resnet18_cifar10", logs, str(tmp_path))
     (fig,) = figures
     return fig, [text.get_text() for text in fig.legends[0].get_texts()]
 
@@ -1497,8 +1497,26 @@ def test_plots_seeds_of_one_configuration_make_one_line(monkeypatch, tmp_path):
     # a key that changes the experiment, even one older logs lack, splits them
     split = [_deep_log(seed=0), _deep_log(seed=1, label_noise=0.1)]
     _, labels = _draw_deep(split, monkeypatch, tmp_path)
-    assert labels == ["η0 = 0.75, exp. warmup w = 1.05, decay at 50 % (label-noise none)",
-                      "η0 = 0.75, exp. warmup w = 1.05, decay at 50 % (label-noise 0.1)"]
+    assert labels == ["η0 = 0.75, exp. warmup w = 1.05, decay at 50 %",
+                      "η0 = 0.75, exp. warmup w = 1.05, decay at 50 %, label noise 0.1"]
+    plt.close("all")
+
+
+def test_plots_deep_runs_of_other_settings_are_separate_figures_named_by_their_difference(monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+    import plots
+    figures = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, name: figures.setdefault(name, fig) and name)
+    # the setting with the most logs keeps the experiment's name; schedules and label noise share a figure
+    logs = [_deep_log(seed=0), _deep_log(seed=1), _deep_log(lr=0.1, lr_schedule="constant"),
+            _deep_log(lr=0.1, lr_schedule="constant", label_noise=0.2), _deep_log(epochs=8),
+            _deep_log(momentum=0.9, augment=True)]
+    written = plots.DRAWERS["train_resnet"]("resnet18_cifar10", logs, str(tmp_path))
+    assert written == ["resnet18_cifar10", "resnet18_cifar10_epochs8", "resnet18_cifar10_augment_momentum0.9"]
+    main = [text.get_text() for text in figures["resnet18_cifar10"].legends[0].get_texts()]
+    assert main == ["η0 = 0.75, exp. warmup w = 1.05, decay at 50 % (2 seeds)", "η = 0.1 constant",
+                    "η = 0.1 constant, label noise 0.2"]
+    assert "8 epochs" in figures["resnet18_cifar10_epochs8"]._suptitle.get_text()
     plt.close("all")
 
 
