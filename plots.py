@@ -800,7 +800,7 @@ def deep_table(experiment, logs):
     return "\n".join(rows)
 
 
-# The paper's claims on deep networks (Section 5, Figure 1), as (claim, final metric expected lower, unit scale).
+# The paper's claims on deep networks (main text, Figure 1): (claim, final metric the claim expects lower, its name).
 DEEP_CLAIM_METRICS = [("sparser features", "density_dedup_{block}", "{block} dedup. density (%)"),
                       ("lower test error", "test_error", "test error (%)")]
 
