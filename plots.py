@@ -860,6 +860,24 @@ def deep_claims(name, logs):
     return "\n".join(rows)
 
 
+def deep_sharpness_table(log):
+    """Markdown table of one deep-net run's sharpness measurements (--sharpness-every): per measurement the epoch,
+    η, 2/η, λ_max, λ_max·η/2 (above 1 = sharper than the stability threshold 2/η), the Hessian-vector products it
+    took, and the train loss and last block's de-duplicated density where the measurement shares its record with an
+    evaluation (as when --sharpness-every equals --eval-every)."""
+    block = log["config"]["blocks"][-1]
+    rows = [f"| epoch | η | 2/η | λ_max | λ_max·η/2 | Hessian-vector products | train loss | {block} dedup. density (%) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for record in log["history"]:
+        if record.get("sharpness") is None:
+            continue
+        density = record.get(f"density_dedup_{block}")
+        rows.append(f"| {record['epoch']:g} | {record['lr']:.3g} | {2 / record['lr']:.3g} | {record['sharpness']:.3g} "
+                    f"| {record['sharpness'] * record['lr'] / 2:.2f} | {record['sharpness_hvps']} "
+                    f"| {_number(record.get('train_loss'))} | {'–' if density is None else f'{100 * density:.1f}'} |")
+    return "\n".join(rows)
+
+
 def shown_command(log):
     """The command that wrote a log (env.command), with a run of consecutive --seeds written as $(seq a b)."""
     words = log.get("env", {}).get("command", "").split()
@@ -898,6 +916,11 @@ def results_tables(logs):
                 claims = deep_claims(name, setting)
                 if claims:
                     sections.append(claims)
+                for log in setting:
+                    if log["status"] == "completed" and has_sharpness([log]):
+                        sections.append(f"**Sharpness of {log['run']}, seed {log['seed']}** ({name}; "
+                                        f"`--sharpness-every {log['config']['sharpness_every']}`)\n\n"
+                                        + deep_sharpness_table(log))
     return "\n\n".join(sections)
 
 

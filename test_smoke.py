@@ -1817,6 +1817,19 @@ def test_plots_deep_claims_pick_the_tuned_baseline_and_give_verdicts_over_seeds(
     assert rows[4].endswith("| 10.0 ± 1.0 vs 20.0 | not yet: needs ≥ 2 seeds each (has 3 and 1) |")
 
 
+def test_plots_deep_sharpness_table_lists_each_measurement_against_two_over_eta():
+    import plots
+    log = _deep_log(eval_every=100, epochs=1, n_train=500, lr_schedule="constant", lr=0.5)  # records at 0 and 2
+    log["history"][0].update(sharpness=8.0, sharpness_hvps=12, sharpness_converged=True)
+    log["history"].insert(1, {"iter": 1, "epoch": 0.5, "lr": 0.5, "sharpness": 2.0, "sharpness_hvps": 3,
+                              "sharpness_converged": True})  # a measurement between evaluations
+    rows = plots.deep_sharpness_table(log).splitlines()
+    assert rows[0] == "| epoch | η | 2/η | λ_max | λ_max·η/2 | Hessian-vector products | train loss | " \
+                      "block2 dedup. density (%) |"
+    assert rows[2] == "| 0 | 0.5 | 4 | 8 | 2.00 | 12 | 1 | 5.0 |"  # loss 1: density_dedup = 1/20
+    assert rows[3] == "| 0.5 | 0.5 | 4 | 2 | 0.50 | 3 | – | – |" and len(rows) == 4
+
+
 def test_plots_toy_table_reports_the_paper_seed_the_distribution_and_the_jitter_spread():
     import plots
 
