@@ -6,7 +6,8 @@ Reads every JSON run log under --logs (recursively), groups the logs by their `e
 presets, one group per model/data set for deep nets, split into one figure per setting: runs that differ only in their
 step-size schedule or label noise, see deep_settings), and writes one PNG per figure into --out-dir. Within a figure,
 logs are seeds of one line only when their whole `config` is equal except the seed and bookkeeping keys (plot_lines);
-lines that share a label but differ in, say, --epochs or --width say so in the legend ("… (epochs 8)"). The seeds of a
+lines that share a label but differ in another key (a toy preset's runs, or any figure drawn with draw_deep_net
+directly) say so in the legend ("… (epochs 8)"). The seeds of a
 line are drawn as the median with a min–max band; a run that is still running, was interrupted or failed is drawn as
 its own line, marked in the legend, never merged into a finished run's median. File names are never parsed: all data
 comes from the JSON. No LaTeX needed (matplotlib's mathtext only). The PNGs are byte-identical from run to run with the
@@ -336,9 +337,10 @@ def _deep_net_title(experiment, script, logs):
     return f"{experiment}: {', '.join(parts)}\n{notes}"
 
 
-# What one deep-net figure compares: runs whose configuration differs only in these keys (and the seed) share a
-# setting (model, data, budget, optimiser) and are drawn, tabulated and checked against the paper's claims together.
-SCHEDULE_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac", "label_noise"})
+# What one deep-net figure compares: runs whose configuration differs only in these keys (the step-size schedule and
+# label noise) and the seed share a setting (model, data, budget, optimiser) and are drawn, tabulated and checked
+# against the paper's claims together.
+COMPARED_KEYS = frozenset({"lr", "lr_schedule", "warmup_exp", "large_lr_frac", "label_noise"})
 
 
 def _setting_suffix(key, value):
@@ -350,12 +352,14 @@ def _setting_suffix(key, value):
 
 
 def deep_settings(experiment, logs):
-    """The logs of one deep-net experiment split by setting (SCHEDULE_KEYS), as {figure name: logs}. The setting
-    with the most logs is named after the experiment; every other one adds the keys in which it differs from that
-    setting, e.g. 'resnet18_cifar10_epochs25_eval-every39'. One setting: {experiment: logs}."""
+    """The logs of one deep-net experiment split by setting (equal configuration except COMPARED_KEYS and the
+    seed), as {figure name: logs}. The setting with the most logs (the first of them on a tie) is named after the
+    experiment; every other one adds the keys in which it differs from that setting, e.g.
+    'resnet18_cifar10_epochs25_eval-every39' (so adding logs can move a name to another setting: redraw into a clean
+    folder). One setting: {experiment: logs}."""
     settings = collections.OrderedDict()
     for log in logs:
-        setting = {key: value for key, value in experiment_config(log).items() if key not in SCHEDULE_KEYS}
+        setting = {key: value for key, value in experiment_config(log).items() if key not in COMPARED_KEYS}
         settings.setdefault(json.dumps(setting, sort_keys=True), []).append(log)
     main = max(settings, key=lambda key: len(settings[key]))  # the first of the largest
     reference = json.loads(main)
@@ -364,6 +368,8 @@ def deep_settings(experiment, logs):
         setting = json.loads(key)
         differs = [name for name in sorted(set(setting) | set(reference)) if setting.get(name) != reference.get(name)]
         suffix = "".join(_setting_suffix(name, setting.get(name, False)) for name in differs)
+        if experiment + suffix in named:  # values equal in their shown form (6 significant digits)
+            raise ValueError(f"two settings of {experiment} would share the figure name {experiment + suffix!r}")
         named[experiment + suffix] = group
     return named
 
@@ -776,8 +782,8 @@ def _mean_std(values, scale=1.0, digits=1):
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
-def deep_table(experiment, logs):
-    """Markdown table of one deep-net experiment: per line of its figure (a configuration over its seeds), the final
+def deep_table(logs):
+    """Markdown table of one deep-net setting (deep_settings): per line of its figure (a run over its seeds), the final
     training error, test error and the de-duplicated density of the last two blocks (mean ± std over seeds, in %),
     and the wall time of one run."""
     blocks = logs[0]["config"]["blocks"][-2:]
@@ -805,8 +811,15 @@ DEEP_CLAIM_METRICS = [("sparser features", "density_dedup_{block}", "{block} ded
                       ("lower test error", "test_error", "test error (%)")]
 
 
+# A run fits its training set when its final training error is at most this: the protocol's condition for comparing
+# test errors (README, Deep networks); a comparison with a run that does not fit is flagged.
+FIT_TRAIN_ERROR = 0.01
+
+
 def _completed_finals(line, key):
-    return [log["final"][key] for log in line.logs if log["status"] == "completed"]
+    """`key` of the final record of each completed seed of a line that logged it."""
+    return [log["final"][key] for log in line.logs
+            if log["status"] == "completed" and log["final"].get(key) is not None]
 
 
 def _seed0_train_loss(line):
@@ -814,49 +827,72 @@ def _seed0_train_loss(line):
                  if log["status"] == "completed" and log["seed"] == 0), None)
 
 
+def _seeds_shown(line):
+    """'3' completed seeds, or '2, +1 diverged'."""
+    done = sum(log["status"] == "completed" for log in line.logs)
+    diverged = sum(log["status"] == "diverged" for log in line.logs)
+    return f"{done}" + (f", +{diverged} diverged" if diverged else "")
+
+
 def _claim_row(claim, lower_line, higher_line, key, unit):
-    """One row of deep_claims: `lower_line` is expected to end with the lower `key`."""
+    """One row of deep_claims: `lower_line` is expected to end with the lower `key`. The verdict is
+    utils.seed_noise_verdict's, with the difference in standard errors; a side that does not fit its training set
+    (mean final training error above FIT_TRAIN_ERROR) is named after it."""
     lower, higher = (_completed_finals(line, key) for line in (lower_line, higher_line))
-    ours = f"{_mean_std(lower, 100)} vs {_mean_std(higher, 100)}"
+    ours = " vs ".join(_mean_std(values, 100) if values else "–" for values in (lower, higher))
     if min(len(lower), len(higher)) < 2:
-        verdict = f"not yet: needs ≥ 2 seeds each (has {len(lower)} and {len(higher)})"
+        verdict = f"none yet: needs ≥ 2 completed seeds each (has {len(lower)} and {len(higher)})"
     else:
         verdict, difference, error = utils.seed_noise_verdict(lower, higher)
-        verdict = f"**{verdict}** (difference {100 * difference:.1f}, standard error {100 * error:.1f})"
-    compared = f"{lower_line.label} ({len(lower)}) vs {higher_line.label} ({len(higher)})"
+        ratio = f", {difference / error:.1f} standard errors" if error > 0 else ""
+        verdict = f"**{verdict}** (difference {100 * difference:.1f}{ratio})"
+    for line in (lower_line, higher_line):
+        errors = _completed_finals(line, "train_error")
+        if errors and np.mean(errors) > FIT_TRAIN_ERROR:
+            verdict += f"; confounded: {line.label} does not fit ({100 * np.mean(errors):.1f} % training error)"
+    compared = f"{lower_line.label} ({_seeds_shown(lower_line)}) vs {higher_line.label} ({_seeds_shown(higher_line)})"
     return f"| {claim} | {unit} | {compared} | {ours} | {verdict} |"
 
 
 def deep_claims(name, logs):
     """The paper's claims on deep networks checked on the logs of one setting (deep_settings; label-noise runs left
-    out), if it has a constant-step run and a decayed large-step run: (1) the decayed schedule with the longest
-    large-step phase ends with sparser features in the last two blocks and (2) a lower test error than the
-    constant-step baseline, (3) the longer the large-step phase (T), the stronger both. The baseline is the constant
-    step with the lowest final training loss at seed 0 (the tuning rule; ties: the first). Verdicts:
-    utils.seed_noise_verdict over the completed seeds of the two lines compared. Returns '' without a comparison."""
+    out): (1) a decayed large-step schedule ends with sparser features in the last two blocks and (2) a lower test
+    error than the constant-step baseline, (3) the longer its large-step phase (T), the stronger both. Decayed runs
+    are grouped by η0 and warmup: (1) and (2) use each group's longest T, (3) compares consecutive T of a group. The
+    baseline is the constant step with the lowest final training loss at seed 0 (the tuning rule; ties: the first).
+    Verdicts: utils.seed_noise_verdict over the completed seeds of the two lines compared. A setting without a
+    decayed run is not checked (''); one without a constant run at seed 0 gets a line saying so."""
     blocks = logs[0]["config"]["blocks"][-2:]
     lines = [line for line in plot_lines([log for log in logs if not log["config"].get("label_noise")])
              if not line.unfinished]
     constant = [line for line in lines if line.logs[0]["config"]["lr_schedule"] == "constant"
                 and _seed0_train_loss(line) is not None]
-    decayed = sorted((line for line in lines if line.logs[0]["config"]["lr_schedule"] != "constant"),
-                     key=lambda line: line.logs[0]["config"]["large_lr_frac"])
-    if not constant or not decayed:
+    groups = collections.OrderedDict()  # (η0, warmup) -> its decayed lines in order of T
+    for line in lines:
+        config = line.logs[0]["config"]
+        if config["lr_schedule"] != "constant":
+            groups.setdefault((config["lr"], config["warmup_exp"]), []).append(line)
+    if not groups:
         return ""
+    if not constant:
+        return f"**Claims of the paper, {name}**: not checked, no constant-step run with seed 0 to compare with."
     baseline = min(constant, key=_seed0_train_loss)
     tuning = ", ".join(f"{line.label}: {_seed0_train_loss(line):.4f}" for line in constant)
     rows = [f"**Claims of the paper, {name}** — baseline: {baseline.label}, the constant step with the lowest final "
             f"training loss at seed 0 ({tuning})", "",
             "| claim | metric | lower expected vs higher expected (seeds) | ours, mean ± std | verdict |",
             "|---|---|---|---|---|"]
-    for claim, key, unit in DEEP_CLAIM_METRICS:
-        for block in blocks if "{block}" in key else [None]:
-            rows.append(_claim_row(claim, decayed[-1], baseline, key.format(block=block), unit.format(block=block)))
-    for shorter, longer in zip(decayed, decayed[1:]):
+    for decayed in groups.values():
+        decayed.sort(key=lambda line: line.logs[0]["config"]["large_lr_frac"])
         for claim, key, unit in DEEP_CLAIM_METRICS:
-            for block in blocks[-1:] if "{block}" in key else [None]:
-                rows.append(_claim_row(f"longer large-step phase, {claim}", longer, shorter,
-                                       key.format(block=block), unit.format(block=block)))
+            for block in blocks if "{block}" in key else [None]:
+                rows.append(_claim_row(claim, decayed[-1], baseline, key.format(block=block),
+                                       unit.format(block=block)))
+        for shorter, longer in zip(decayed, decayed[1:]):
+            for claim, key, unit in DEEP_CLAIM_METRICS:
+                for block in blocks[-1:] if "{block}" in key else [None]:
+                    rows.append(_claim_row(f"longer large-step phase, {claim}", longer, shorter,
+                                           key.format(block=block), unit.format(block=block)))
     return "\n".join(rows)
 
 
@@ -873,7 +909,7 @@ def deep_sharpness_table(log):
             continue
         density = record.get(f"density_dedup_{block}")
         rows.append(f"| {record['epoch']:g} | {record['lr']:.3g} | {2 / record['lr']:.3g} | {record['sharpness']:.3g} "
-                    f"| {record['sharpness'] * record['lr'] / 2:.2f} | {record['sharpness_hvps']} "
+                    f"| {record['sharpness'] * record['lr'] / 2:.2f} | {record.get('sharpness_hvps', '–')} "
                     f"| {_number(record.get('train_loss'))} | {'–' if density is None else f'{100 * density:.1f}'} |")
     return "\n".join(rows)
 
@@ -912,7 +948,7 @@ def results_tables(logs):
             for name, setting in deep_settings(experiment, group).items():
                 title = _deep_net_title(name, setting[0]["script"], setting).splitlines()[0]
                 sections.append(f"**{title}** (commands: `env.command` of each log in `results/deep/`):\n\n"
-                                + deep_table(name, setting))
+                                + deep_table(setting))
                 claims = deep_claims(name, setting)
                 if claims:
                     sections.append(claims)

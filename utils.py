@@ -583,7 +583,10 @@ def later_decay_wins(earlier, later, key):
     return {"metric": key, "wins": wins, "pairs": len(pairs), "fraction": wins / len(pairs) if pairs else None}
 
 
-SEED_NOISE_Z = 2.0  # a difference counts when it exceeds this many standard errors (about a 95 % two-sided test)
+# A difference counts when it exceeds this many standard errors. A rule of thumb, not a significance level: with 3
+# seeds a side, a Welch t-test at 95 % (two-sided) would ask for about 3-4 standard errors, so the verdicts print the
+# number of standard errors too.
+SEED_NOISE_Z = 2.0
 
 
 def seed_noise_verdict(expected_lower, expected_higher, z=SEED_NOISE_Z):
