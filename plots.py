@@ -364,7 +364,8 @@ def deep_settings(experiment, logs):
     main = max(settings, key=lambda key: len(settings[key]))  # the first of the largest
     reference = json.loads(main)
     named = collections.OrderedDict()
-    for key, group in settings.items():
+    for key in sorted(settings, key=lambda key: key != main):  # the experiment's own name first
+        group = settings[key]
         setting = json.loads(key)
         differs = [name for name in sorted(set(setting) | set(reference)) if setting.get(name) != reference.get(name)]
         suffix = "".join(_setting_suffix(name, setting.get(name, False)) for name in differs)
