@@ -356,7 +356,7 @@ def deep_settings(experiment, logs):
     seed), as {figure name: logs}. The setting with the most logs (the first of them on a tie) is named after the
     experiment; every other one adds the keys in which it differs from that setting, e.g.
     'resnet18_cifar10_epochs25_eval-every39' (so adding logs can move a name to another setting: redraw into a clean
-    folder). One setting: {experiment: logs}."""
+    folder). That setting comes first. One setting: {experiment: logs}."""
     settings = collections.OrderedDict()
     for log in logs:
         setting = {key: value for key, value in experiment_config(log).items() if key not in COMPARED_KEYS}
